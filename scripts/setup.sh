@@ -12,9 +12,10 @@ step() { printf '\n== %s\n' "$*"; }
 #    PACS tests; dcmtk validates DICOM. Installed only when missing.
 need_apt=()
 [ -e /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 ] || need_apt+=(libpython3.11)
-command -v Orthanc >/dev/null || need_apt+=(orthanc)
+[ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 command -v dcmdump >/dev/null || need_apt+=(dcmtk)
+command -v dciodvfy >/dev/null || need_apt+=(dicom3tools)
 command -v kubectl >/dev/null || need_apt+=(kubectl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   step "apt-get install ${need_apt[*]}"

@@ -1,0 +1,120 @@
+"""PyTorch checkpoint -> ONNX detector with decoded outputs and a dynamic batch axis.
+
+The graph holds the fused RepConv convolutions, the DFL integral and the anchor decoding, so the
+served model outputs ``scores`` [N, A, C] and ``boxes`` [N, A, 4] (xyxy, input pixels) and the
+postprocess step needs only threshold + NMS. Anchors are computed from the input's shape inside the
+graph, so neither the batch nor the size is frozen (the official export's defect, issue #93).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("scores", "boxes")
+
+
+@dataclass(frozen=True)
+class OnnxModelInfo:
+    """What the model repository builder needs to know about an exported detector."""
+
+    path: Path
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+    num_anchors: int
+    quantized: bool
+
+
+def export_onnx(
+    model: object,
+    out_path: Path,
+    size: int = 512,
+    in_channels: int = 3,
+    opset: int = 17,
+    simplify: bool = True,
+) -> Path:
+    """Export a (fused, eval-mode) DamoYolo model; returns the path of the checked ONNX file."""
+    import onnx
+    import torch
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()  # type: ignore[attr-defined]
+    dummy = torch.zeros(1, in_channels, size, size)
+    dynamic = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter gives a plain static graph that onnxruntime, TensorRT and the
+        # quantization tools all take; torch.export's exporter would add onnxscript to the pins.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(out_path),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    proto = onnx.load(str(out_path))
+    if simplify:
+        import onnxslim
+
+        proto = onnxslim.slim(proto)
+    proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(out_path))
+    log.info("exported %s (opset %d, %s)", out_path, opset, "simplified" if simplify else "as traced")
+    return out_path
+
+
+def inspect_onnx(path: Path) -> OnnxModelInfo:
+    """Read the detector's I/O contract back from an ONNX file and check it."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    inputs = [i for i in proto.graph.input if i.name not in {init.name for init in proto.graph.initializer}]
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        raise ValueError(f"{path}: expected one input named {INPUT_NAME!r}, found {[i.name for i in inputs]}")
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4 or min(dims[1:]) <= 0:
+        raise ValueError(f"{path}: input {INPUT_NAME} must be [batch, C, H, W] with fixed C, H, W; got {dims}")
+    outputs = {o.name: o for o in proto.graph.output}
+    if set(outputs) != set(OUTPUT_NAMES):
+        raise ValueError(f"{path}: outputs must be {OUTPUT_NAMES}, found {sorted(outputs)}")
+    score_dims = [d.dim_value if d.HasField("dim_value") else -1 for d in outputs["scores"].type.tensor_type.shape.dim]
+    quantized = any(node.op_type in {"QuantizeLinear", "DequantizeLinear"} for node in proto.graph.node)
+    return OnnxModelInfo(
+        path=Path(path),
+        channels=dims[1],
+        height=dims[2],
+        width=dims[3],
+        num_classes=score_dims[2] if len(score_dims) == 3 else -1,
+        num_anchors=score_dims[1] if len(score_dims) == 3 else -1,
+        quantized=quantized,
+    )
+
+
+def compare_with_torch(model: object, onnx_path: Path, images: np.ndarray) -> tuple[float, float]:
+    """Max abs difference of (scores, boxes) between PyTorch and onnxruntime on ``images``."""
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ort_scores, ort_boxes = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.astype(np.float32)})
+    with torch.no_grad():
+        t_scores, t_boxes = model(torch.from_numpy(images.astype(np.float32)))  # type: ignore[operator]
+    return (
+        float(np.abs(ort_scores - t_scores.numpy()).max()),
+        float(np.abs(ort_boxes - t_boxes.numpy()).max()),
+    )

@@ -1,0 +1,115 @@
+"""Resize to the model's square input keeping the aspect ratio, padding the rest (letterbox).
+
+Coordinates are continuous pixel-edge coordinates (pixel i spans [i, i + 1)), so a box maps with
+``x' = x * scale_x + pad_x`` and back exactly; resampling uses the same half-pixel-centre convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from preprocess_backend.errors import DicomInputError
+
+
+@dataclass(frozen=True)
+class LetterboxTransform:
+    """Original [src_h, src_w] image -> [size, size] model input."""
+
+    src_h: int
+    src_w: int
+    size: int
+    new_h: int
+    new_w: int
+    pad_x: int
+    pad_y: int
+
+    @classmethod
+    def fit(cls, src_h: int, src_w: int, size: int) -> LetterboxTransform:
+        if src_h < 1 or src_w < 1 or size < 1:
+            raise DicomInputError("letterbox", f"bad sizes {src_h}x{src_w} -> {size}")
+        scale = size / max(src_h, src_w)
+        new_h = min(size, max(1, round(src_h * scale)))
+        new_w = min(size, max(1, round(src_w * scale)))
+        return cls(src_h, src_w, size, new_h, new_w, (size - new_w) // 2, (size - new_h) // 2)
+
+    @property
+    def scale_x(self) -> float:
+        return self.new_w / self.src_w
+
+    @property
+    def scale_y(self) -> float:
+        return self.new_h / self.src_h
+
+    @property
+    def is_identity(self) -> bool:
+        return self.new_h == self.src_h and self.new_w == self.src_w and self.pad_x == 0 and self.pad_y == 0
+
+    def to_model(self, boxes: np.ndarray) -> np.ndarray:
+        """xyxy boxes in original pixels -> model input pixels (float64)."""
+        b = np.asarray(boxes, dtype=np.float64).copy()
+        b[..., 0::2] = b[..., 0::2] * self.scale_x + self.pad_x
+        b[..., 1::2] = b[..., 1::2] * self.scale_y + self.pad_y
+        return b
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """xyxy boxes in model input pixels -> original pixels (float64); exact inverse of ``to_model``."""
+        b = np.asarray(boxes, dtype=np.float64).copy()
+        b[..., 0::2] = (b[..., 0::2] - self.pad_x) / self.scale_x
+        b[..., 1::2] = (b[..., 1::2] - self.pad_y) / self.scale_y
+        return b
+
+    def as_array(self) -> np.ndarray:
+        return np.array([self.src_h, self.src_w, self.size], dtype=np.int32)
+
+    @classmethod
+    def from_array(cls, a: np.ndarray) -> LetterboxTransform:
+        return cls.fit(int(a[0]), int(a[1]), int(a[2]))
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@lru_cache(maxsize=32)
+def _weights(src: int, dst: int) -> np.ndarray:
+    """float32 [dst, src] resampling matrix: triangle filter, widened when shrinking (antialias)."""
+    scale = dst / src
+    support = max(1.0, 1.0 / scale)  # filter radius in source pixels
+    centres = (np.arange(dst) + 0.5) / scale - 0.5
+    x = np.arange(src)[None, :] - centres[:, None]
+    w = np.clip(1.0 - np.abs(x) / support, 0.0, None)
+    w[w.sum(axis=1) == 0, :] = 0.0
+    # Edge handling = clamp: fold weights that would fall outside onto the border pixels.
+    w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+    return w.astype(np.float32)
+
+
+def resize(images: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+    """Separable linear (antialiased when shrinking) resize of [..., H, W] float32 images."""
+    h, w = images.shape[-2:]
+    out = images.astype(np.float32, copy=False)
+    if new_h != h:
+        out = np.matmul(_weights(h, new_h), out)
+    if new_w != w:
+        out = np.matmul(out, _weights(w, new_w).T)
+    return out
+
+
+def letterbox(
+    images: np.ndarray, size: int, pad_value: float = 0.0, out: np.ndarray | None = None
+) -> tuple[np.ndarray, LetterboxTransform]:
+    """[..., H, W] -> [..., size, size] float32 with the transform that maps boxes both ways."""
+    if images.ndim < 2:
+        raise DicomInputError("letterbox", f"expected [..., H, W], got shape {images.shape}")
+    t = LetterboxTransform.fit(images.shape[-2], images.shape[-1], size)
+    if out is None:
+        out = np.empty((*images.shape[:-2], size, size), dtype=np.float32)
+    if t.is_identity:
+        np.copyto(out, images, casting="unsafe")
+        return out, t
+    resized = resize(images, t.new_h, t.new_w)
+    out[...] = pad_value
+    out[..., t.pad_y : t.pad_y + t.new_h, t.pad_x : t.pad_x + t.new_w] = resized
+    return out, t
