@@ -19,8 +19,14 @@ Notes
   count (class convs re-initialised, reported in a :class:`LoadReport`).
 - ``python -m damoyolo.variants`` prints params / GFLOPs next to the official table. The official
   "FLOPs (G)" is 2 x thop ops of the RepConv-fused model with BatchNorm kept (see damoyolo.flops).
-- CPU serving default for 512x512 CT: see ``CPU_DEFAULT`` below and the timing notes in the
-  lead's README (measured with ``python -m damoyolo.bench``).
+- Which variant to serve. Measured on the 2-core x86 dev machine, torch 2.13 eager, fused,
+  batch 1, 512x512, 1-class head (``python -m damoyolo.bench T Ns Nm Nl --size 512 --threads 1 2``),
+  median ms at 1 / 2 threads: T 158 / 109, Ns 102 / 69, Nm 216 / 146, Nl 233 / 186.
+  The nano models save FLOPs with depthwise 5x5 convs, which PyTorch's CPU kernels run poorly:
+  Nm and Nl are slower than T here, and Ns is only ~1.5x faster than T at 10 points less COCO mAP
+  (32.3 vs 42.0). So ``CPU_DEFAULT = "T"`` (ONNX Runtime may shift these ratios: re-measure with the
+  exported model before changing it). On a GPU the same T is the default (2.78 ms TRT FP16 on a T4
+  officially); S / M buy accuracy at 1.4x / 2x its latency if a GPU budget allows.
 """
 
 from damoyolo.config import VARIANTS, VariantSpec, get_spec

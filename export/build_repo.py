@@ -22,9 +22,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ctlesion_export.onnx_export import OnnxModelInfo, inspect_onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
+
+from ctlesion_export.onnx_export import OnnxModelInfo, inspect_onnx
 
 log = logging.getLogger(__name__)
 

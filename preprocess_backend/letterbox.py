@@ -86,6 +86,23 @@ def _weights(src: int, dst: int) -> np.ndarray:
     return w.astype(np.float32)
 
 
+def block_mean(images: np.ndarray, f: int) -> np.ndarray:
+    """[..., H, W] -> [..., H // f, W // f] float32 mean of f x f blocks (remainder rows / columns dropped).
+
+    Rows first (contiguous strided adds), then columns on the f-times smaller array: ~2x faster than
+    adding all f * f strided views and ~3x faster than ``reshape(...).mean``.
+    """
+    h, w = images.shape[-2] // f * f, images.shape[-1] // f * f
+    rows = images[..., 0:h:f, :w].astype(np.float32)  # fresh copy: safe to accumulate into
+    for d in range(1, f):
+        rows += images[..., d:h:f, :w]
+    acc = rows[..., 0::f].copy()
+    for d in range(1, f):
+        acc += rows[..., d::f]
+    acc *= np.float32(1.0 / (f * f))
+    return acc
+
+
 def resize(images: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
     """Separable linear (antialiased when shrinking) resize of [..., H, W] float32 images."""
     h, w = images.shape[-2:]

@@ -1,8 +1,10 @@
 """Body and lung masks from HU: thresholds + scipy morphology, per slice, on a coarse grid.
 
-Everything runs on [Z, h, w] stacks with 2D (1, 3, 3) structuring elements, so each slice is
-processed independently in one scipy call for the whole slab (no per-slice Python loop). Run it on the
-1/4 grid the pipeline keeps (128 x 128 for a 512 model): a few hundred microseconds per slice.
+Everything runs on [Z, h, w] stacks with in-plane structuring elements, so each slice is processed
+independently in one call for the whole slab (no per-slice Python loop). Erosion / dilation are numpy
+shifted ORs (scipy's binary morphology costs ~100 us per op on a 128 x 128 slice; this is ~10x less);
+hole filling and components use ``ndimage.label``. Run it on the 1/4 grid the pipeline keeps
+(128 x 128 for a 512 model).
 """
 
 from __future__ import annotations
@@ -10,14 +12,61 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from preprocess_backend.letterbox import block_mean
+
 BODY_HU = -500.0  # tissue vs air outside the patient
 LUNG_HU = -400.0  # aerated lung (parenchyma about -850) vs soft tissue; ground-glass stays below ~ -300
 MIN_LUNG_FRACTION = 0.002  # lung components smaller than this fraction of the slice are noise
 BODY = np.uint8(1)  # bit flags of the packed anatomy mask
 LUNG = np.uint8(2)
 
-_S2 = ndimage.generate_binary_structure(2, 1)[None]  # 4-connected, in-plane only
-_S2_8 = ndimage.generate_binary_structure(2, 2)[None]  # 8-connected, in-plane only
+
+
+def _in_plane(connectivity: int) -> np.ndarray:
+    """3x3x3 structure whose only non-zero plane is the middle one: no connection across slices."""
+    s = np.zeros((3, 3, 3), dtype=bool)
+    s[1] = ndimage.generate_binary_structure(2, connectivity)
+    return s
+
+
+_S2 = _in_plane(1)  # 4-connected, in-plane only
+_S2_8 = _in_plane(2)  # 8-connected, in-plane only
+
+
+def dilate(mask: np.ndarray, iterations: int = 1, square: bool = True) -> np.ndarray:
+    """In-plane binary dilation of [Z, h, w] with a 3x3 square (or 4-connected cross); outside is False."""
+    out = mask.copy()
+    for _ in range(iterations):
+        src = out.copy() if square else out
+        rows = src.copy()
+        rows[:, 1:] |= src[:, :-1]
+        rows[:, :-1] |= src[:, 1:]
+        if square:  # separable: rows then columns of the row-dilated mask = 3x3 square
+            out = rows.copy()
+            out[:, :, 1:] |= rows[:, :, :-1]
+            out[:, :, :-1] |= rows[:, :, 1:]
+        else:
+            out = rows
+            out[:, :, 1:] |= src[:, :, :-1]
+            out[:, :, :-1] |= src[:, :, 1:]
+    return out
+
+
+def erode(mask: np.ndarray, iterations: int = 1, square: bool = True) -> np.ndarray:
+    """In-plane binary erosion (dual of ``dilate``); outside the image counts as True."""
+    return ~dilate(~mask, iterations, square)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill background regions of each slice that do not touch the slice border (4-connected)."""
+    labels, n = ndimage.label(~mask, structure=_S2)
+    if n == 0:
+        return mask.copy()
+    border = np.zeros(n + 1, dtype=bool)
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        border[edge] = True
+    border[0] = True  # label 0 is the mask itself
+    return ~border[labels] | mask
 
 
 def _as_stack(hu: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -50,9 +99,9 @@ def body_mask(hu: np.ndarray, threshold: float = BODY_HU) -> np.ndarray:
     """bool mask of the patient's body (largest tissue component, holes such as the lungs filled)."""
     stack, squeeze = _as_stack(hu)
     tissue = stack > np.float32(threshold)
-    tissue = ndimage.binary_opening(tissue, structure=_S2)  # detach thin table / blanket edges
+    tissue = dilate(erode(tissue, square=False), square=False)  # opening: detach thin table / blanket edges
     body = _largest_per_slice(tissue)
-    body = ndimage.binary_fill_holes(body, structure=_S2)
+    body = fill_holes(body)
     return body[0] if squeeze else body
 
 
@@ -64,8 +113,8 @@ def lung_mask(hu: np.ndarray, body: np.ndarray | None = None, threshold: float =
         body = body_mask(stack)
     else:
         body, _ = _as_stack(body)
-    air = (stack < np.float32(threshold)) & ndimage.binary_erosion(body, structure=_S2, iterations=1)
-    air = ndimage.binary_opening(air, structure=_S2)
+    air = (stack < np.float32(threshold)) & erode(body, square=False)
+    air = dilate(erode(air, square=False), square=False)  # opening: drop single-pixel noise
     labels, n = ndimage.label(air, structure=_S2_8)
     if n:
         counts = np.bincount(labels.ravel(), minlength=n + 1)
@@ -74,13 +123,33 @@ def lung_mask(hu: np.ndarray, body: np.ndarray | None = None, threshold: float =
         keep[0] = False
         air = keep[labels]
     if close_iter:
-        air = ndimage.binary_closing(air, structure=_S2_8, iterations=close_iter, border_value=0)
-    lung = ndimage.binary_fill_holes(air, structure=_S2) & body
+        air = erode(dilate(air, close_iter), close_iter)  # closing: bridge pleural notches (nodules)
+    lung = fill_holes(air) & body
     return lung[0] if squeeze else lung
 
 
-def anatomy_mask(hu: np.ndarray) -> np.ndarray:
-    """uint8 packed mask: bit 0 body, bit 1 lung (what crosses from preprocess to postprocess)."""
-    body = body_mask(hu)
-    lung = lung_mask(hu, body=body)
-    return body.astype(np.uint8) | (lung.astype(np.uint8) << 1)
+def anatomy_mask(hu: np.ndarray, downsample: int = 2) -> np.ndarray:
+    """uint8 packed mask, same shape as ``hu``: bit 0 body, bit 1 lung.
+
+    Computed on a grid ``downsample`` times coarser (block mean) and repeated back: a filter on box
+    centres needs no finer mask, and morphology cost falls with the pixel count.
+    """
+    stack, squeeze = _as_stack(hu)
+    z, h, w = stack.shape
+    f = max(1, int(downsample))
+    if f > 1 and h >= 16 * f and w >= 16 * f:
+        hc, wc = h // f, w // f
+        coarse = block_mean(stack, f)
+    else:
+        f, coarse = 1, stack
+    body = body_mask(coarse)
+    lung = lung_mask(coarse, body=body)
+    packed = body.astype(np.uint8) | (lung.astype(np.uint8) << 1)
+    if f > 1:
+        packed = np.repeat(np.repeat(packed, f, axis=1), f, axis=2)
+        out = np.zeros((z, h, w), dtype=np.uint8)
+        out[:, : packed.shape[1], : packed.shape[2]] = packed
+        out[:, packed.shape[1] :, :] = out[:, packed.shape[1] - 1 : packed.shape[1], :]  # edge-extend the remainder
+        out[:, :, packed.shape[2] :] = out[:, :, packed.shape[2] - 1 : packed.shape[2]]
+        packed = out
+    return packed[0] if squeeze else packed

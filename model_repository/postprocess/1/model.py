@@ -1,0 +1,64 @@
+"""Triton Python model `postprocess`: decoded detector outputs -> findings per slice.
+
+A thin adapter over ``preprocess_backend.pipeline.postprocess_slab`` (score threshold, class-aware
+NMS, letterbox inverse to original pixels, millimetres from PixelSpacing, anatomical and size
+filters, mean HU). Request options override the defaults of this model's config.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from preprocess_backend.errors import DicomInputError
+from preprocess_backend.pipeline import SLAB_META_TENSORS, postprocess_slab
+from preprocess_backend.types import Options
+
+FLOAT_OPTIONS = ("score_threshold", "nms_iou", "min_size_mm", "max_size_mm")
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.defaults = {name: float(params[name]) for name in FLOAT_OPTIONS if name in params}
+        self.defaults["max_detections"] = int(params.get("max_detections", "100"))
+        self.meta_names = [name for name, _, _ in SLAB_META_TENSORS]
+
+    def execute(self, requests: list) -> list:
+        return [self._one(request) for request in requests]
+
+    def _one(self, request: object) -> object:
+        try:
+            values = dict(self.defaults)
+            for name in FLOAT_OPTIONS:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    values[name] = float(tensor.as_numpy().reshape(-1)[0])
+            options = Options.from_dict(values)
+            scores = pb_utils.get_input_tensor_by_name(request, "scores").as_numpy()
+            boxes = pb_utils.get_input_tensor_by_name(request, "boxes").as_numpy()
+            meta = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.meta_names}
+            detections = postprocess_slab(scores, boxes, meta, options)
+            return pb_utils.InferenceResponse(output_tensors=_tensors(detections))
+        except (DicomInputError, ValueError) as exc:
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARGUMENT)
+            )
+
+
+def _tensors(detections: list) -> list:
+    n = len(detections)
+    boxes_px = np.array([d.box_px for d in detections], dtype=np.float32).reshape(n, 4)
+    boxes_mm = np.array([d.box_mm for d in detections], dtype=np.float32).reshape(n, 4)
+    return [
+        pb_utils.Tensor("boxes_px", boxes_px),
+        pb_utils.Tensor("boxes_mm", boxes_mm),
+        pb_utils.Tensor("scores", np.array([d.score for d in detections], dtype=np.float32)),
+        pb_utils.Tensor("classes", np.array([d.class_id for d in detections], dtype=np.int32)),
+        pb_utils.Tensor("slice_index", np.array([d.slice_index for d in detections], dtype=np.int32)),
+        pb_utils.Tensor("sop_instance_uid", np.array([d.sop_instance_uid.encode() for d in detections], dtype=object)),
+        pb_utils.Tensor("mean_hu", np.array([d.mean_hu for d in detections], dtype=np.float32)),
+    ]
