@@ -85,15 +85,11 @@ OPTION_INPUTS = (
 PREPROCESS_OPTIONS = ("window",)
 POSTPROCESS_OPTIONS = ("score_threshold", "nms_iou", "min_size_mm", "max_size_mm")
 
-FINDING_OUTPUTS = (
-    TensorSpec("boxes_px", "float32", (-1, 4)),
-    TensorSpec("boxes_mm", "float32", (-1, 4)),
-    TensorSpec("scores", "float32", (-1,)),
-    TensorSpec("classes", "int32", (-1,)),
-    TensorSpec("slice_index", "int32", (-1,)),
-    TensorSpec("sop_instance_uid", "bytes", (-1,)),
-    TensorSpec("mean_hu", "float32", (-1,)),
-)
+def finding_specs() -> tuple[TensorSpec, ...]:
+    """The ensemble's per-detection outputs (defined by preprocess_backend, docs/contracts.md)."""
+    from preprocess_backend.pipeline import FINDING_TENSORS
+
+    return tuple(TensorSpec(name, dtype, tuple(dims)) for name, dtype, dims in FINDING_TENSORS)
 
 
 def slab_meta_specs() -> tuple[TensorSpec, ...]:
@@ -162,7 +158,7 @@ def postprocess_config(info: OnnxModelInfo, cfg: RepoConfig) -> mc.ModelConfig:
             *(s for s in OPTION_INPUTS if s.name in POSTPROCESS_OPTIONS),
         ],
     )
-    _add_io(config.output, FINDING_OUTPUTS)
+    _add_io(config.output, finding_specs())
     _instance(config, cfg.postprocess_instances, gpu=False)
     _params(
         config,
@@ -180,7 +176,7 @@ def postprocess_config(info: OnnxModelInfo, cfg: RepoConfig) -> mc.ModelConfig:
 def ensemble_config(info: OnnxModelInfo) -> mc.ModelConfig:
     config = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=0)
     _add_io(config.input, [TensorSpec("dicom", "bytes", (-1,)), *OPTION_INPUTS])
-    _add_io(config.output, FINDING_OUTPUTS)
+    _add_io(config.output, finding_specs())
     meta = [s.name for s in slab_meta_specs()]
     steps = config.ensemble_scheduling.step
     pre = steps.add(model_name="preprocess", model_version=-1)
@@ -199,7 +195,7 @@ def ensemble_config(info: OnnxModelInfo) -> mc.ModelConfig:
     post.input_map["boxes"] = "raw_boxes"
     for name in [*meta, *POSTPROCESS_OPTIONS]:
         post.input_map[name] = name
-    for spec in FINDING_OUTPUTS:
+    for spec in finding_specs():
         post.output_map[spec.name] = spec.name
     return config
 

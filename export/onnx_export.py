@@ -93,6 +93,10 @@ def inspect_onnx(path: Path) -> OnnxModelInfo:
     if set(outputs) != set(OUTPUT_NAMES):
         raise ValueError(f"{path}: outputs must be {OUTPUT_NAMES}, found {sorted(outputs)}")
     score_dims = [d.dim_value if d.HasField("dim_value") else -1 for d in outputs["scores"].type.tensor_type.shape.dim]
+    if len(score_dims) != 3 or min(score_dims[1:]) <= 0:
+        # Anchors are computed from the input's shape inside the graph, so the exporter leaves
+        # these dims symbolic; one run on a zero image gives their values at the fixed size.
+        score_dims = _probe_output_shape(path, dims)
     quantized = any(node.op_type in {"QuantizeLinear", "DequantizeLinear"} for node in proto.graph.node)
     return OnnxModelInfo(
         path=Path(path),
@@ -103,6 +107,15 @@ def inspect_onnx(path: Path) -> OnnxModelInfo:
         num_anchors=score_dims[1] if len(score_dims) == 3 else -1,
         quantized=quantized,
     )
+
+
+def _probe_output_shape(path: Path, input_dims: list[int]) -> list[int]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image = np.zeros([1, *input_dims[1:]], dtype=np.float32)
+    (scores,) = session.run(["scores"], {INPUT_NAME: image})
+    return list(scores.shape)
 
 
 def compare_with_torch(model: object, onnx_path: Path, images: np.ndarray) -> tuple[float, float]:

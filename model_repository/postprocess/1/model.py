@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from preprocess_backend.errors import DicomInputError
-from preprocess_backend.pipeline import SLAB_META_TENSORS, postprocess_slab
+from preprocess_backend.pipeline import SLAB_META_TENSORS, detections_to_arrays, postprocess_slab
 from preprocess_backend.types import Options
 
 FLOAT_OPTIONS = ("score_threshold", "nms_iou", "min_size_mm", "max_size_mm")
@@ -45,20 +44,9 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(output_tensors=_tensors(detections))
         except (DicomInputError, ValueError) as exc:
             return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARGUMENT)
+                error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
             )
 
 
 def _tensors(detections: list) -> list:
-    n = len(detections)
-    boxes_px = np.array([d.box_px for d in detections], dtype=np.float32).reshape(n, 4)
-    boxes_mm = np.array([d.box_mm for d in detections], dtype=np.float32).reshape(n, 4)
-    return [
-        pb_utils.Tensor("boxes_px", boxes_px),
-        pb_utils.Tensor("boxes_mm", boxes_mm),
-        pb_utils.Tensor("scores", np.array([d.score for d in detections], dtype=np.float32)),
-        pb_utils.Tensor("classes", np.array([d.class_id for d in detections], dtype=np.int32)),
-        pb_utils.Tensor("slice_index", np.array([d.slice_index for d in detections], dtype=np.int32)),
-        pb_utils.Tensor("sop_instance_uid", np.array([d.sop_instance_uid.encode() for d in detections], dtype=object)),
-        pb_utils.Tensor("mean_hu", np.array([d.mean_hu for d in detections], dtype=np.float32)),
-    ]
+    return [pb_utils.Tensor(name, array) for name, array in detections_to_arrays(detections).items()]

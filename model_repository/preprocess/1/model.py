@@ -53,7 +53,7 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(output_tensors=tensors)
         except DicomInputError as exc:
             return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARGUMENT)
+                error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
             )
 
 
