@@ -1,0 +1,122 @@
+"""The model repository builder: configs that Triton's schema accepts, refusals, GPU variants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+import damoyolo
+from ctlesion_export.build_repo import (
+    ENSEMBLE,
+    RepoConfig,
+    build_repository,
+    serving_onnx_with_uint8_input,
+)
+from ctlesion_export.onnx_export import export_onnx, inspect_onnx
+from preprocess_backend.pipeline import FINDING_TENSORS, SLAB_META_TENSORS
+
+
+def _export(tmp: Path, size: int, channels: int = 3, name: str = "det.onnx") -> Path:
+    torch.manual_seed(0)
+    model = damoyolo.build_model("Ns", num_classes=2, in_channels=channels)
+    model.eval()
+    model.fuse()
+    return export_onnx(model, tmp / name, size=size, in_channels=channels)
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(tmp_path_factory.mktemp("onnx"), 64)
+
+
+def _load(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def test_inspect_reads_the_contract(small_onnx: Path) -> None:
+    info = inspect_onnx(small_onnx)
+    assert (info.channels, info.height, info.width) == (3, 64, 64)
+    assert info.num_classes == 2
+    assert info.num_anchors == (64 // 8) ** 2 + (64 // 16) ** 2 + (64 // 32) ** 2
+    assert not info.quantized
+
+
+def test_cpu_repository_layout_and_configs(small_onnx: Path, tmp_path: Path) -> None:
+    out = build_repository(small_onnx, tmp_path / "repo", RepoConfig(target="cpu", max_batch_size=16, detector_instances=2))
+    for name in ("preprocess", "detector", "postprocess", ENSEMBLE):
+        assert (out / name / "config.pbtxt").exists(), name
+    assert (out / "detector" / "1" / "model.onnx").exists()
+    assert (out / "detector" / "1" / "model.py").exists()
+    det = _load(out / "detector" / "config.pbtxt")
+    assert det.backend == "python" and det.max_batch_size == 16
+    assert det.instance_group[0].count == 2
+    assert det.HasField("dynamic_batching")
+    assert list(det.input[0].dims) == [3, 64, 64] and det.input[0].data_type == mc.TYPE_UINT8
+    assert list(det.output[0].dims) == [inspect_onnx(small_onnx).num_anchors, 2]
+
+    pre = _load(out / "preprocess" / "config.pbtxt")
+    assert [o.name for o in pre.output] == ["images", *(n for n, _, _ in SLAB_META_TENSORS)]
+    assert pre.parameters["model_size"].string_value == "64"
+
+    ens = _load(out / ENSEMBLE / "config.pbtxt")
+    assert ens.platform == "ensemble"
+    assert [o.name for o in ens.output] == [n for n, _, _ in FINDING_TENSORS]
+    assert {i.name for i in ens.input if i.optional} == {"window", "score_threshold", "nms_iou", "min_size_mm", "max_size_mm"}
+    steps = [s.model_name for s in ens.ensemble_scheduling.step]
+    assert steps == ["preprocess", "detector", "postprocess"]
+    # Every tensor a step reads is produced by an earlier step or is an ensemble input.
+    available = {i.name for i in ens.input}
+    for step in ens.ensemble_scheduling.step:
+        assert set(step.input_map.values()) <= available, step.model_name
+        available |= set(step.output_map.values())
+
+
+def test_refuses_inconsistent_models(tmp_path: Path) -> None:
+    two_channels = _export(tmp_path, 64, channels=2, name="c2.onnx")
+    with pytest.raises(ValueError, match="2.5D context must be 1, 3 or 5"):
+        build_repository(two_channels, tmp_path / "r1", RepoConfig())
+
+
+def test_refuses_unknown_target(small_onnx: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown target"):
+        build_repository(small_onnx, tmp_path / "r", RepoConfig(target="tpu"))
+
+
+def test_gpu_trt_needs_an_engine_and_maps_compute_capability(small_onnx: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs --engine"):
+        build_repository(small_onnx, tmp_path / "r", RepoConfig(target="gpu-trt"))
+    engine = tmp_path / "detector_sm90_trt10.3.plan"
+    engine.write_bytes(b"plan bytes")  # placeholder file: only its name and copy are under test here
+    out = build_repository(small_onnx, tmp_path / "r2", RepoConfig(target="gpu-trt"), engines=[engine])
+    det = _load(out / "detector" / "config.pbtxt")
+    assert det.platform == "tensorrt_plan"
+    assert det.cc_model_filenames["9.0"] == engine.name
+    assert det.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+
+
+def test_gpu_onnx_uint8_input_gives_the_same_outputs(small_onnx: Path, tmp_path: Path) -> None:
+    out = build_repository(small_onnx, tmp_path / "r", RepoConfig(target="gpu-onnx", trt_precision="fp16"))
+    det = _load(out / "detector" / "config.pbtxt")
+    assert det.platform == "onnxruntime_onnx"
+    accel = det.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(2, 3, 64, 64), dtype=np.uint8)
+    ref = ort.InferenceSession(str(small_onnx)).run(None, {"images": image.astype(np.float32)})
+    served = ort.InferenceSession(str(out / "detector" / "1" / "model.onnx")).run(None, {"images": image})
+    for a, b in zip(ref, served, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_uint8_wrapper_is_standalone(small_onnx: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "u8.onnx"
+    serving_onnx_with_uint8_input(small_onnx, dst)
+    session = ort.InferenceSession(str(dst))
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    assert [o.name for o in session.get_outputs()] == ["scores", "boxes"]
