@@ -208,6 +208,8 @@ def _int(value: Any, default: int | None = None) -> int | None:
 
 def _functional(ds: Dataset, frame: int, seq: str) -> Dataset | None:
     """Enhanced multi-frame: the per-frame functional group item, else the shared one."""
+    if 0x52009230 not in ds and 0x52009229 not in ds:  # classic image: skip the keyword lookups (hot path)
+        return None
     for groups_name, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         groups = _get(ds, groups_name)
         try:
@@ -360,7 +362,9 @@ def _decoded_pixels(ds: Dataset, rows: int, cols: int, frames: int, samples: int
             samples = 3
     except DicomInputError:
         raise
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # Rust decoders (pylibjpeg-rle) panic with a BaseException subclass
         raise DicomInputError(label, f"cannot decode pixel data ({_why(exc)})") from None
     arr = np.asarray(arr)
     if samples == 3:  # colour (RGB after pydicom's YBR conversion): luminance, ITU-R BT.601

@@ -138,12 +138,11 @@ def anatomy_mask(hu: np.ndarray, downsample: int = 2) -> np.ndarray:
     z, h, w = stack.shape
     f = max(1, int(downsample))
     if f > 1 and h >= 16 * f and w >= 16 * f:
-        hc, wc = h // f, w // f
         coarse = block_mean(stack, f)
     else:
         f, coarse = 1, stack
     body = body_mask(coarse)
-    lung = lung_mask(coarse, body=body)
+    lung = lung_mask(coarse, body=body, close_iter=max(1, 2 // f))  # same closing radius in mm
     packed = body.astype(np.uint8) | (lung.astype(np.uint8) << 1)
     if f > 1:
         packed = np.repeat(np.repeat(packed, f, axis=1), f, axis=2)

@@ -22,7 +22,13 @@ from preprocess_backend.dicom_io import DecodedSlice, decode_frames
 from preprocess_backend.errors import DicomInputError, LimitExceeded
 from preprocess_backend.letterbox import LetterboxTransform, block_mean, letterbox, resize
 from preprocess_backend.masks import BODY, LUNG, anatomy_mask
-from preprocess_backend.postprocess import box_sizes_mm, centres_inside, mean_in_boxes, size_filter, threshold_nms
+from preprocess_backend.postprocess import (
+    box_sizes_mm,
+    centres_inside,
+    mean_in_boxes,
+    size_filter,
+    threshold_nms,
+)
 from preprocess_backend.series import SeriesReport, assemble_series
 from preprocess_backend.stacking import stack_indices
 from preprocess_backend.types import Detection, Options

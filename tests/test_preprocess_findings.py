@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from preprocess_backend.lesions import classify_density, link_lesions
 from preprocess_backend.masks import anatomy_mask, body_mask, lung_mask
-from preprocess_backend.postprocess import centres_inside, mean_in_boxes, pairwise_iou, size_filter, threshold_nms
+from preprocess_backend.postprocess import (
+    centres_inside,
+    mean_in_boxes,
+    pairwise_iou,
+    size_filter,
+    threshold_nms,
+)
 from preprocess_backend.series import SeriesGeometry
 from preprocess_backend.types import Detection
 

@@ -8,7 +8,13 @@ from dicom_factory import make_slice
 
 from preprocess_backend.dicom_io import decode_slice
 from preprocess_backend.errors import DicomInputError
-from preprocess_backend.windowing import WINDOW_PRESETS, apply_voi_lut_table, apply_window, resolve_window, window_slice
+from preprocess_backend.windowing import (
+    WINDOW_PRESETS,
+    apply_voi_lut_table,
+    apply_window,
+    resolve_window,
+    window_slice,
+)
 
 
 def _linear_ref(x: np.ndarray, c: float, w: float) -> np.ndarray:
