@@ -1,0 +1,3 @@
+from ctlesion_phantoms.cli import main
+
+raise SystemExit(main())
