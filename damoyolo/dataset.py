@@ -1,0 +1,169 @@
+"""Training data: phantom CT series (real DICOM) -> windowed slices through the serving code -> crops.
+
+The images the detector learns from are made by the same preprocess_backend functions the
+Triton preprocess model runs (decode, HU, lung window, uint8 rounding, 2.5D stacking with
+edge-replicated ends), so training and serving cannot drift apart. A series is kept in memory as
+windowed uint8 slices [Z, H, W] (one channel); the 2.5D stack is gathered per sample with the
+same ``stack_indices`` the server uses.
+
+Truth boxes: a phantom nodule is a sphere; on a slice at distance dz (mm) from its centre the
+cross-section has radius sqrt(R^2 - dz^2). Slices where that radius is below half the nodule's
+radius (or below 1 mm) get no box: those caps look like vessel ends and are not what a reader marks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ctlesion_phantoms import CaseTruth, PhantomConfig, generate_case
+from ctlesion_phantoms.volume import default_case_id
+from preprocess_backend.masks import LUNG
+from preprocess_backend.pipeline import decode_items, preprocess_decoded
+from preprocess_backend.stacking import stack_indices
+from preprocess_backend.types import Options
+
+
+def truth_slice_boxes(
+    truth: CaseTruth, min_fraction: float = 0.5, min_radius_mm: float = 1.0
+) -> dict[int, np.ndarray]:
+    """slice index (position order) -> boxes [M, 4] xyxy in pixels of the nodules cut by that slice."""
+    g = truth.geometry
+    row_sp, col_sp = g.pixel_spacing
+    out: dict[int, list[list[float]]] = {}
+    for n in truth.nodules:
+        radius = n.diameter_mm / 2.0
+        kc, ic, jc = n.centre_voxel
+        half_slices = int(math.ceil(radius / g.slice_spacing)) + 1
+        for k in range(max(0, int(round(kc)) - half_slices), min(g.slices, int(round(kc)) + half_slices + 1)):
+            dz = (k - kc) * g.slice_spacing
+            r2 = radius * radius - dz * dz
+            if r2 <= 0:
+                continue
+            r = math.sqrt(r2)
+            if r < min_fraction * radius or r < min_radius_mm:
+                continue
+            # centre_voxel is a pixel-centre coordinate; pixel j spans [j, j + 1) in box coordinates
+            cx, cy = jc + 0.5, ic + 0.5
+            out.setdefault(k, []).append([cx - r / col_sp, cy - r / row_sp, cx + r / col_sp, cy + r / row_sp])
+    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+@dataclass
+class CaseData:
+    case_id: str
+    windowed: np.ndarray  # uint8 [Z, H, W], lung window, position order
+    boxes: dict[int, np.ndarray]  # slice -> [M, 4] xyxy px
+    lung_slices: np.ndarray  # slice indices that contain lung (where negatives are drawn)
+    truth: CaseTruth
+
+
+def load_case(case_dir: Path, window: str = "lung") -> CaseData:
+    """Decode a phantom case's DICOM series through the serving pipeline (k = 1: one channel)."""
+    truth = CaseTruth.load(case_dir / "truth.json")
+    files = sorted((case_dir / "series").glob("*.dcm"))
+    items = [f.read_bytes() for f in files]
+    options = Options(window=window, k=1, image_dtype="uint8", model_size=truth.geometry.rows)
+    slab = preprocess_decoded(decode_items(items, options), options)
+    z_pos = slab.meta.position[:, 2]
+    expected = truth.geometry.slice_positions()[:, 2]
+    if len(z_pos) != len(expected) or not np.allclose(np.sort(z_pos), expected, atol=1e-2):
+        raise ValueError(f"{case_dir}: series positions do not match the truth geometry")
+    windowed = np.ascontiguousarray(slab.images[:, 0])
+    # lung present: the anatomy mask (lowres) has lung pixels on the slice
+    lung = np.flatnonzero((slab.meta.anatomy & LUNG).reshape(len(windowed), -1).any(1))
+    return CaseData(truth.case_id, windowed, truth_slice_boxes(truth), lung, truth)
+
+
+def ensure_cases(root: Path, seeds: Sequence[int], config: PhantomConfig | None = None) -> list[Path]:
+    """Case folders for ``seeds`` under ``root``, generating the missing ones (seedable, idempotent)."""
+    root.mkdir(parents=True, exist_ok=True)
+    dirs = []
+    missing = [s for s in seeds if not (root / default_case_id(s) / "truth.json").exists()]
+    for seed in tqdm(missing, desc=f"generate phantoms -> {root}", unit="case", disable=not missing):
+        generate_case(seed, root, config)
+    for seed in seeds:
+        dirs.append(root / default_case_id(seed))
+    return dirs
+
+
+def load_cases(dirs: Sequence[Path], window: str = "lung") -> list[CaseData]:
+    return [load_case(d, window) for d in tqdm(dirs, desc="decode series", unit="case")]
+
+
+@dataclass
+class CropSampler:
+    """Random crops of full-resolution 2.5D slices: positives around a nodule, negatives in the lungs.
+
+    Crops keep CPU training affordable (a 256 crop costs a quarter of a 512 slice) while every
+    pixel keeps its native resolution, so nodules look exactly as the server sees them.
+    """
+
+    cases: list[CaseData]
+    crop: int = 256
+    k: int = 3
+    p_positive: float = 0.6
+    min_visible: float = 0.6  # a box cut by the crop keeps its label if this much of it is inside
+    _positives: list[tuple[int, int]] = field(init=False, default_factory=list)
+    _negatives: list[tuple[int, int]] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        for ci, case in enumerate(self.cases):
+            self._positives += [(ci, k) for k in case.boxes]
+            lung = case.lung_slices if len(case.lung_slices) else np.arange(len(case.windowed))
+            self._negatives += [(ci, int(k)) for k in lung]
+        if not self._negatives:
+            raise ValueError("no slices to sample from")
+
+    @property
+    def num_positive_slices(self) -> int:
+        return len(self._positives)
+
+    def stack(self, case: CaseData, k_slice: int) -> np.ndarray:
+        """uint8 [k, H, W]: the slice and its neighbours, edge-replicated like the server does."""
+        idx = stack_indices(len(case.windowed), self.k)[k_slice]
+        return case.windowed[idx]
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One crop: uint8 [k, crop, crop] and boxes [M, 4] in crop pixels."""
+        positive = self._positives and rng.random() < self.p_positive
+        ci, ks = self._positives[rng.integers(len(self._positives))] if positive else self._negatives[
+            rng.integers(len(self._negatives))
+        ]
+        case = self.cases[ci]
+        h, w = case.windowed.shape[1:]
+        boxes = case.boxes.get(ks, np.zeros((0, 4), np.float32))
+        c = self.crop
+        if positive and len(boxes):
+            b = boxes[rng.integers(len(boxes))]
+            # the crop contains the chosen box (when it fits), at a random place in the crop
+            lo_x, hi_x = b[2] - c, b[0]
+            lo_y, hi_y = b[3] - c, b[1]
+            if hi_x < lo_x:
+                lo_x = hi_x = (b[0] + b[2]) / 2 - c / 2
+            if hi_y < lo_y:
+                lo_y = hi_y = (b[1] + b[3]) / 2 - c / 2
+            x0 = int(np.clip(rng.uniform(lo_x, hi_x), 0, w - c))
+            y0 = int(np.clip(rng.uniform(lo_y, hi_y), 0, h - c))
+        else:
+            x0 = int(rng.integers(0, w - c + 1))
+            y0 = int(rng.integers(0, h - c + 1))
+        image = self.stack(case, ks)[:, y0 : y0 + c, x0 : x0 + c]
+        return image, crop_boxes(boxes, x0, y0, c, self.min_visible)
+
+
+def crop_boxes(boxes: np.ndarray, x0: int, y0: int, size: int, min_visible: float) -> np.ndarray:
+    """Boxes shifted into a crop and clipped; those with less than ``min_visible`` of their area inside dropped."""
+    if len(boxes) == 0:
+        return np.zeros((0, 4), np.float32)
+    shifted = boxes - np.array([x0, y0, x0, y0], dtype=np.float32)
+    clipped = shifted.clip(0, size)
+    area = (shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])
+    inside = (clipped[:, 2] - clipped[:, 0]).clip(0) * (clipped[:, 3] - clipped[:, 1]).clip(0)
+    keep = inside >= min_visible * np.maximum(area, 1e-6)
+    return clipped[keep].astype(np.float32)

@@ -1,0 +1,363 @@
+"""Train DAMO-YOLO on phantom CT series: ``ctlesion train`` (CPU or CUDA, resumable, tqdm).
+
+Recipe (the article's, plus what detection training needs): AdamW (weight decay 1e-4), linear
+warm-up then cosine decay, EMA of the weights (what is saved and served), the article's
+augmentations (damoyolo.augment), random full-resolution crops so that a 2-core CPU can afford it,
+2.5D lung-window input made by the serving code (damoyolo.dataset). An "epoch" is a fixed number
+of steps of random crops; after each one the EMA model is validated on whole 512 x 512 slices of
+held-out validation cases (slice mAP@0.5, recall and false positives per slice at the serving
+threshold) and the best one is kept.
+
+Checkpoints: ``OUT/last.pt`` (everything needed to resume), ``OUT/best.pt`` (release format
+``{"model", "meta"}``, see docs/contracts.md); ``--release PATH`` also writes the best as fp16
+(half the bytes; loading casts back to float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import damoyolo
+from ctlesion_phantoms import PhantomConfig, splits
+from damoyolo.augment import AugmentConfig, augment
+from damoyolo.dataset import CaseData, CropSampler, ensure_cases, load_cases
+from preprocess_backend.postprocess import threshold_nms
+from preprocess_backend.stacking import stack_indices
+
+
+@dataclass
+class TrainConfig:
+    variant: str = damoyolo.CPU_DEFAULT
+    train_cases: int = 40
+    val_cases: int = 4
+    train_seed: int = splits.TRAIN_SEED
+    val_seed: int = splits.VALIDATION_SEED
+    data_dir: str = "work/phantoms"
+    out_dir: str = "work/train"
+    crop: int = 256
+    batch_size: int = 8
+    epochs: int = 10
+    steps_per_epoch: int = 200
+    lr: float = 1e-4  # the article's (fine-tuning from COCO weights); from scratch needs more
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # cosine ends at lr * this
+    ema_decay: float = 0.9995
+    ema_tau: float = 200.0  # EMA warm-up: decay ramps up over about this many steps
+    grad_clip: float = 10.0
+    p_positive: float = 0.6
+    window: str = "lung"
+    k: int = 3
+    model_size: int = 512
+    val_slices_max: int = 96
+    phantom_slices_max: int | None = None  # smaller phantoms (tests); None = the generator's default
+    seed: int = 0
+    pretrained: str | None = None  # an official DAMO-YOLO checkpoint to start from
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 = all cores
+    class_names: list[str] = field(default_factory=lambda: ["nodule"])
+
+
+class ModelEMA:
+    """Exponential moving average of the weights (buffers copied), with a warm-up of the decay."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, tau: float, updates: int = 0) -> None:
+        self.ema = copy.deepcopy(model).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.decay, self.tau, self.updates = decay, tau, updates
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        msd = model.state_dict()
+        for name, value in self.ema.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.mul_(d).add_(msd[name].detach(), alpha=1 - d)
+            else:
+                value.copy_(msd[name])
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def make_batch(
+    sampler: CropSampler, rng: np.random.Generator, batch_size: int, aug: AugmentConfig | None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    images, targets = [], []
+    for _ in range(batch_size):
+        image, boxes = sampler.sample(rng)
+        if aug is not None:
+            image, boxes = augment(image, boxes, rng, aug)
+        images.append(np.asarray(image, dtype=np.float32))
+        targets.append(torch.from_numpy(np.concatenate([np.zeros((len(boxes), 1), np.float32), boxes], 1)))
+    return torch.from_numpy(np.stack(images)), targets
+
+
+@dataclass
+class ValSet:
+    """Whole slices of the validation cases: all slices with a nodule plus as many lung-only slices."""
+
+    images: np.ndarray  # uint8 [N, k, H, W]
+    boxes: list[np.ndarray]
+
+    @classmethod
+    def build(cls, cases: Sequence[CaseData], k: int, max_slices: int, seed: int) -> ValSet:
+        rng = np.random.default_rng(seed)
+        picks: list[tuple[int, int]] = []
+        for ci, case in enumerate(cases):
+            picks += [(ci, s) for s in case.boxes]
+        pos = len(picks)
+        for ci, case in enumerate(cases):
+            lung = case.lung_slices if len(case.lung_slices) else range(len(case.windowed))
+            neg = [int(s) for s in lung if int(s) not in case.boxes]
+            take = min(len(neg), max(1, pos // max(1, len(cases))))
+            picks += [(ci, s) for s in rng.choice(neg, take, replace=False)] if neg else []
+        if len(picks) > max_slices:
+            picks = [picks[i] for i in sorted(rng.choice(len(picks), max_slices, replace=False))]
+        images, boxes = [], []
+        for ci, s in picks:
+            case = cases[ci]
+            images.append(case.windowed[stack_indices(len(case.windowed), k)[s]])
+            boxes.append(case.boxes.get(s, np.zeros((0, 4), np.float32)))
+        return cls(np.stack(images), boxes)
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, val: ValSet, device: torch.device, batch: int = 8) -> dict[str, float]:
+    """Slice mAP@0.5 (pycocotools) at score >= 0.05, and recall / FP per slice at the serving 0.3."""
+    model.eval()
+    preds = []
+    for i in range(0, len(val.images), batch):
+        x = torch.from_numpy(val.images[i : i + batch].astype(np.float32)).to(device)
+        scores, boxes = model(x)
+        for s, b in zip(scores.cpu().numpy(), boxes.cpu().numpy(), strict=True):
+            preds.append(threshold_nms(s, b, score_threshold=0.05, iou_threshold=0.2))
+    from damoyolo.evaluate import slice_map  # lazy: pycocotools is only needed once validation runs
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its whole summary table
+        metrics = slice_map(preds, [(g, np.zeros(len(g), np.int64)) for g in val.boxes])
+    hits = total = fps = 0
+    for (pb, ps, _), gt in zip(preds, val.boxes, strict=True):
+        pb = pb[ps >= 0.3]
+        total += len(gt)
+        if len(pb) == 0:
+            continue
+        if len(gt) == 0:
+            fps += len(pb)
+            continue
+        iou = _iou(pb, gt)
+        hits += int((iou.max(0) >= 0.3).sum())
+        fps += int((iou.max(1) < 0.3).sum())
+    out = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    out.update(recall_at_0_3=hits / max(total, 1), fp_per_slice_at_0_3=fps / len(val.images))
+    return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod((rb - lt).clip(0), axis=2)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
+
+
+def release_state(model: torch.nn.Module, cfg: TrainConfig, epoch: int, metrics: dict[str, Any],
+                  half: bool = False) -> dict[str, Any]:
+    sd = {k: (v.half() if half and v.dtype == torch.float32 else v).clone() for k, v in model.state_dict().items()}
+    meta = {
+        "variant": cfg.variant,
+        "num_classes": len(cfg.class_names),
+        "in_channels": cfg.k,
+        "model_size": cfg.model_size,
+        "class_names": cfg.class_names,
+        "window": cfg.window,
+        "k": cfg.k,
+        "epoch": epoch,
+        "metrics": metrics,
+        "train_config": asdict(cfg),
+    }
+    return {"model": sd, "meta": meta}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume) a training; returns the summary written to OUT/summary.json."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = Path(cfg.data_dir)
+    phantom = PhantomConfig() if cfg.phantom_slices_max is None else PhantomConfig(slices_max=cfg.phantom_slices_max)
+    train_dirs = ensure_cases(data / "train", [cfg.train_seed + i for i in range(cfg.train_cases)], phantom)
+    val_dirs = ensure_cases(data / "validation", [cfg.val_seed + i for i in range(cfg.val_cases)], phantom)
+    train_cases = load_cases(train_dirs, cfg.window)
+    val_cases = load_cases(val_dirs, cfg.window)
+    sampler = CropSampler(train_cases, crop=cfg.crop, k=cfg.k, p_positive=cfg.p_positive)
+    val = ValSet.build(val_cases, cfg.k, cfg.val_slices_max, cfg.seed)
+    print(
+        f"data: {len(train_cases)} training cases ({sampler.num_positive_slices} slices with nodules), "
+        f"validation {len(val.images)} slices from {len(val_cases)} cases; device {device}, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
+
+    model = damoyolo.build_model(cfg.variant, num_classes=len(cfg.class_names), in_channels=cfg.k)
+    if cfg.pretrained:
+        report = damoyolo.load_pretrained(model, torch.load(cfg.pretrained, map_location="cpu", weights_only=True))
+        print(f"pretrained: {report}", flush=True)
+    model.to(device)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau)
+    total = cfg.epochs * cfg.steps_per_epoch
+    step, start_epoch, best, history = 0, 0, -1.0, []
+    rng = np.random.default_rng(cfg.seed)
+    last = out / "last.pt"
+    if resume and last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=False)  # our own file: carries RNG state
+        model.load_state_dict(state["model"])
+        ema.ema.load_state_dict(state["ema"])
+        ema.updates = state["ema_updates"]
+        opt.load_state_dict(state["optimizer"])
+        step, start_epoch, best, history = state["step"], state["epoch"], state["best"], state["history"]
+        rng.bit_generator.state = state["rng"]
+        print(f"resumed from {last} at epoch {start_epoch}, step {step}", flush=True)
+
+    aug = AugmentConfig()
+    t_start = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        sums: dict[str, float] = {}
+        bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=quiet)
+        for _ in bar:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg, total)
+            images, targets = make_batch(sampler, rng, cfg.batch_size, aug)
+            loss = model.compute_loss(model(images.to(device)), [t.to(device) for t in targets])
+            opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(model)
+            step += 1
+            parts = loss.as_dict()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        train_loss = {k: v / cfg.steps_per_epoch for k, v in sums.items()}
+        try:
+            metrics = validate(ema.ema, val, device)
+        except Exception as exc:  # a broken validation must not throw away hours of training
+            print(f"validation failed: {exc!r}", file=sys.stderr, flush=True)
+            metrics = {"error": repr(exc)}
+        score = float(metrics.get("map50", -1.0))
+        score = -1.0 if math.isnan(score) else score  # no truth boxes in validation: keep the latest
+        record = {"epoch": epoch + 1, "step": step, "elapsed_s": round(time.time() - t_start, 1),
+                  "train": train_loss, "val": metrics}
+        history.append(record)
+        print(json.dumps(record), flush=True)
+        if score > best or score < 0 or not (out / "best.pt").exists():
+            best = score
+            torch.save(release_state(ema.ema, cfg, epoch + 1, metrics), out / "best.pt")
+        torch.save(
+            {"model": model.state_dict(), "ema": ema.ema.state_dict(), "ema_updates": ema.updates,
+             "optimizer": opt.state_dict(), "step": step, "epoch": epoch + 1, "best": best,
+             "history": history, "rng": rng.bit_generator.state, "config": asdict(cfg)},
+            out / "last.pt.tmp",
+        )
+        os.replace(out / "last.pt.tmp", last)
+
+    summary = {
+        "config": asdict(cfg),
+        "best_map50": best,
+        "history": history,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {device}, torch {torch.__version__}",
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if release is not None and (out / "best.pt").exists():
+        best_state = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+        model_best = damoyolo.build_model(cfg.variant, num_classes=len(cfg.class_names), in_channels=cfg.k)
+        model_best.load_state_dict(best_state["model"])
+        release.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(release_state(model_best, cfg, best_state["meta"]["epoch"], best_state["meta"]["metrics"], half=True),
+                   release)
+        print(f"released {release} ({release.stat().st_size / 1e6:.1f} MB, epoch {best_state['meta']['epoch']})")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="ctlesion train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", default=d.variant, help=f"DAMO-YOLO variant (default {d.variant})")
+    p.add_argument("--train-cases", type=int, default=d.train_cases)
+    p.add_argument("--val-cases", type=int, default=d.val_cases)
+    p.add_argument("--data-dir", default=d.data_dir, help="phantom cases are generated here if missing")
+    p.add_argument("--out", default=d.out_dir, help="last.pt (resume), best.pt, summary.json")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--crop", type=int, default=d.crop, help="training crop size (multiple of 32)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--pretrained", default=None, help="official DAMO-YOLO checkpoint to fine-tune from")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
+    p.add_argument("--release", type=Path, default=None, help="write the best EMA model here (fp16)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.crop % 32:
+        print("--crop must be a multiple of 32", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(
+        variant=args.variant, train_cases=args.train_cases, val_cases=args.val_cases, data_dir=args.data_dir,
+        out_dir=args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        crop=args.crop, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
+        pretrained=args.pretrained, device=args.device, threads=args.threads,
+    )
+    train(cfg, resume=not args.no_resume, release=args.release, quiet=args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

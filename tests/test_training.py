@@ -1,0 +1,113 @@
+"""Training pieces: augmentations move boxes with the pixels, truth boxes, crops, a one-step run + resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from damoyolo.augment import AugmentConfig, augment, hflip, rotate, vflip
+from damoyolo.dataset import crop_boxes, truth_slice_boxes
+from damoyolo.train import TrainConfig, lr_at
+
+
+def _disk_image(cx: float, cy: float, r: float, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
+    disk = ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r).astype(np.float32) * 200
+    return np.stack([disk, disk, disk]), np.array([[cx - r, cy - r, cx + r, cy + r]], np.float32)
+
+
+def _blob_box(image: np.ndarray) -> np.ndarray:
+    """Bounding box (pixel edges) of the bright pixels of channel 0."""
+    ys, xs = np.nonzero(image[0] > 100)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+@pytest.mark.parametrize("flip", [hflip, vflip])
+def test_flips_move_boxes_with_pixels(flip) -> None:  # noqa: ANN001
+    img, box = _disk_image(30, 20, 8)
+    out, b = flip(img, box)
+    assert np.allclose(_blob_box(np.ascontiguousarray(out)), b[0], atol=1.0)
+
+
+@pytest.mark.parametrize("degrees", [-15.0, 7.0, 15.0])
+def test_rotation_moves_round_boxes_with_pixels(degrees: float) -> None:
+    img, box = _disk_image(62, 30, 9)
+    out, b = rotate(img, box, degrees)
+    assert np.allclose(_blob_box(out), b[0], atol=1.5)
+    # the box keeps the round object's size (the inscribed-ellipse rule), not the corner hull
+    assert math.isclose(b[0, 2] - b[0, 0], 18, abs_tol=0.5)
+
+
+def test_augment_keeps_boxes_on_the_object_over_many_draws() -> None:
+    rng = np.random.default_rng(3)
+    cfg = AugmentConfig(p_brightness_contrast=0.0, p_blur=0.0)  # photometric ones move nothing
+    for _ in range(20):
+        img, box = _disk_image(40, 55, 7)
+        out, b = augment(img, box, rng, cfg)
+        assert out.dtype == np.float32 and out.shape == img.shape
+        assert np.allclose(_blob_box(out), b[0], atol=1.5)
+
+
+def test_photometric_augmentations_stay_in_range() -> None:
+    rng = np.random.default_rng(0)
+    cfg = AugmentConfig(p_hflip=0, p_vflip=0, p_rotate=0, p_brightness_contrast=1.0, p_blur=1.0)
+    img, box = _disk_image(40, 40, 10)
+    out, b = augment(img, box, rng, cfg)
+    assert out.min() >= 0 and out.max() <= 255 and np.array_equal(b, box)
+    # a 3 x 3 blur: the disk's centre keeps its value, the edge softens
+    assert out[0, 40, 40] > 150 and not np.array_equal(out, img)
+
+
+def test_crop_boxes_drop_mostly_outside() -> None:
+    boxes = np.array([[10, 10, 20, 20], [60, 60, 80, 80], [95, 0, 105, 10]], np.float32)
+    out = crop_boxes(boxes, 0, 0, 100, 0.6)
+    assert out.tolist() == [[10, 10, 20, 20], [60, 60, 80, 80]]  # the third is half outside
+
+
+def test_truth_slice_boxes_follow_the_sphere() -> None:
+    from ctlesion_phantoms import CaseTruth, NoduleTruth, ScanGeometry
+
+    g = ScanGeometry(rows=512, columns=512, slices=40, pixel_spacing=(0.5, 0.8), slice_spacing=1.0,
+                     slice_thickness=1.0, origin=(0.0, 0.0, 0.0))
+    n = NoduleTruth(1, (80.0, 50.0, 20.0), (20.0, 100.0, 100.0), 10.0, "solid", "isolated", 30.0)
+    boxes = truth_slice_boxes(CaseTruth("c", 0, g, [n]))
+    centre = boxes[20][0]
+    assert math.isclose(centre[2] - centre[0], 10.0 / 0.8, rel_tol=1e-5)  # width = diameter / column spacing
+    assert math.isclose(centre[3] - centre[1], 10.0 / 0.5, rel_tol=1e-5)
+    # radius 5 mm, min fraction 0.5: |dz| <= sqrt(25 - 6.25) = 4.33 mm -> slices 16..24
+    assert sorted(boxes) == list(range(16, 25))
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[0] < lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+@pytest.mark.slow
+def test_one_step_training_resumes_and_releases(tmp_path: Path) -> None:
+    import torch
+
+    from ctlesion_export.cli import load_detector
+    from damoyolo.train import train
+
+    cfg = TrainConfig(train_cases=1, val_cases=1, data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "run"),
+                      epochs=1, steps_per_epoch=1, batch_size=2, crop=96, val_slices_max=2, warmup_steps=1,
+                      phantom_slices_max=16, threads=2)
+    first = train(cfg, quiet=True)
+    assert len(first["history"]) == 1 and math.isfinite(first["history"][0]["train"]["total"])
+    cfg.epochs = 2
+    release = tmp_path / "release.pt"
+    second = train(cfg, quiet=True, release=release)
+    assert [h["epoch"] for h in second["history"]] == [1, 2]  # resumed, not restarted
+    model, meta = load_detector(release)
+    assert meta["variant"] == cfg.variant and meta["in_channels"] == 3 and meta["window"] == "lung"
+    state = torch.load(release, weights_only=True)["model"]
+    assert any(v.dtype == torch.float16 for v in state.values())  # released as fp16
+    scores, boxes = model(torch.zeros(1, 3, 64, 64))
+    assert scores.shape[-1] == 1 and boxes.shape[-1] == 4
