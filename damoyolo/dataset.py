@@ -6,14 +6,12 @@ edge-replicated ends), so training and serving cannot drift apart. A series is k
 windowed uint8 slices [Z, H, W] (one channel); the 2.5D stack is gathered per sample with the
 same ``stack_indices`` the server uses.
 
-Truth boxes: a phantom nodule is a sphere; on a slice at distance dz (mm) from its centre the
-cross-section has radius sqrt(R^2 - dz^2). Slices where that radius is below half the nodule's
-radius (or below 1 mm) get no box: those caps look like vessel ends and are not what a reader marks.
+Truth boxes come from ``damoyolo.evaluate.truth_slice_boxes`` (the sphere's cross-section on each
+slice; thin end caps get no box), the same function evaluation scores against.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,35 +21,11 @@ from tqdm import tqdm
 
 from ctlesion_phantoms import CaseTruth, PhantomConfig, generate_case
 from ctlesion_phantoms.volume import default_case_id
+from damoyolo.evaluate import truth_slice_boxes
 from preprocess_backend.masks import LUNG
 from preprocess_backend.pipeline import decode_items, preprocess_decoded
 from preprocess_backend.stacking import stack_indices
 from preprocess_backend.types import Options
-
-
-def truth_slice_boxes(
-    truth: CaseTruth, min_fraction: float = 0.5, min_radius_mm: float = 1.0
-) -> dict[int, np.ndarray]:
-    """slice index (position order) -> boxes [M, 4] xyxy in pixels of the nodules cut by that slice."""
-    g = truth.geometry
-    row_sp, col_sp = g.pixel_spacing
-    out: dict[int, list[list[float]]] = {}
-    for n in truth.nodules:
-        radius = n.diameter_mm / 2.0
-        kc, ic, jc = n.centre_voxel
-        half_slices = int(math.ceil(radius / g.slice_spacing)) + 1
-        for k in range(max(0, int(round(kc)) - half_slices), min(g.slices, int(round(kc)) + half_slices + 1)):
-            dz = (k - kc) * g.slice_spacing
-            r2 = radius * radius - dz * dz
-            if r2 <= 0:
-                continue
-            r = math.sqrt(r2)
-            if r < min_fraction * radius or r < min_radius_mm:
-                continue
-            # centre_voxel is a pixel-centre coordinate; pixel j spans [j, j + 1) in box coordinates
-            cx, cy = jc + 0.5, ic + 0.5
-            out.setdefault(k, []).append([cx - r / col_sp, cy - r / row_sp, cx + r / col_sp, cy + r / row_sp])
-    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
 
 @dataclass
@@ -77,7 +51,8 @@ def load_case(case_dir: Path, window: str = "lung") -> CaseData:
     windowed = np.ascontiguousarray(slab.images[:, 0])
     # lung present: the anatomy mask (lowres) has lung pixels on the slice
     lung = np.flatnonzero((slab.meta.anatomy & LUNG).reshape(len(windowed), -1).any(1))
-    return CaseData(truth.case_id, windowed, truth_slice_boxes(truth), lung, truth)
+    boxes = {k: v.astype(np.float32) for k, v in truth_slice_boxes(truth).items()}
+    return CaseData(truth.case_id, windowed, boxes, lung, truth)
 
 
 def ensure_cases(root: Path, seeds: Sequence[int], config: PhantomConfig | None = None) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from ctlesion_client import pacs as pacs_cli
 from ctlesion_client.pacs_types import PacsCredentials, load_credentials, parse_pacs_url
 

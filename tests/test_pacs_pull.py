@@ -6,10 +6,11 @@ from io import BytesIO
 
 import pydicom
 import pytest
+from orthanc_server import make_ct_series, orthanc_fixture
+
 from ctlesion_client.pacs_dicomweb import DicomWebPacs
 from ctlesion_client.pacs_dimse import DimsePacs
 from ctlesion_client.pacs_types import DimseEndpoint, PacsCredentials, PacsError
-from orthanc_server import make_ct_series, orthanc_fixture
 
 pytestmark = pytest.mark.pacs
 orthanc = orthanc_fixture()

@@ -6,13 +6,13 @@ from io import BytesIO
 
 import pydicom
 import pytest
+from orthanc_server import make_ct_series, orthanc_fixture
+
 from ctlesion_client.pacs import find_existing_report, order_by_position, process_study, report_series
 from ctlesion_client.pacs_dicomweb import DicomWebPacs
 from ctlesion_client.pacs_dimse import DimsePacs
 from ctlesion_client.pacs_types import DimseEndpoint, PacsCredentials
 from ctlesion_client.sr_report import AlgorithmInfo, build_sr, parse_sr, validate_sr
-from orthanc_server import make_ct_series, orthanc_fixture
-
 from preprocess_backend.types import Lesion
 
 pytestmark = pytest.mark.pacs

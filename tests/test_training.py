@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from damoyolo.augment import AugmentConfig, augment, hflip, rotate, vflip
-from damoyolo.dataset import crop_boxes, truth_slice_boxes
+from damoyolo.dataset import crop_boxes
 from damoyolo.train import TrainConfig, lr_at
 
 
@@ -65,20 +65,6 @@ def test_crop_boxes_drop_mostly_outside() -> None:
     boxes = np.array([[10, 10, 20, 20], [60, 60, 80, 80], [95, 0, 105, 10]], np.float32)
     out = crop_boxes(boxes, 0, 0, 100, 0.6)
     assert out.tolist() == [[10, 10, 20, 20], [60, 60, 80, 80]]  # the third is half outside
-
-
-def test_truth_slice_boxes_follow_the_sphere() -> None:
-    from ctlesion_phantoms import CaseTruth, NoduleTruth, ScanGeometry
-
-    g = ScanGeometry(rows=512, columns=512, slices=40, pixel_spacing=(0.5, 0.8), slice_spacing=1.0,
-                     slice_thickness=1.0, origin=(0.0, 0.0, 0.0))
-    n = NoduleTruth(1, (80.0, 50.0, 20.0), (20.0, 100.0, 100.0), 10.0, "solid", "isolated", 30.0)
-    boxes = truth_slice_boxes(CaseTruth("c", 0, g, [n]))
-    centre = boxes[20][0]
-    assert math.isclose(centre[2] - centre[0], 10.0 / 0.8, rel_tol=1e-5)  # width = diameter / column spacing
-    assert math.isclose(centre[3] - centre[1], 10.0 / 0.5, rel_tol=1e-5)
-    # radius 5 mm, min fraction 0.5: |dz| <= sqrt(25 - 6.25) = 4.33 mm -> slices 16..24
-    assert sorted(boxes) == list(range(16, 25))
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
