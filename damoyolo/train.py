@@ -184,9 +184,8 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
 
 
-def release_state(model: torch.nn.Module, cfg: TrainConfig, epoch: int, metrics: dict[str, Any],
-                  half: bool = False) -> dict[str, Any]:
-    sd = {k: (v.half() if half and v.dtype == torch.float32 else v).clone() for k, v in model.state_dict().items()}
+def release_state(model: torch.nn.Module, cfg: TrainConfig, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    sd = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
     meta = {
         "variant": cfg.variant,
         "num_classes": len(cfg.class_names),
@@ -309,14 +308,18 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if release is not None and (out / "best.pt").exists():
-        best_state = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
-        model_best = damoyolo.build_model(cfg.variant, num_classes=len(cfg.class_names), in_channels=cfg.k)
-        model_best.load_state_dict(best_state["model"])
-        release.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(release_state(model_best, cfg, best_state["meta"]["epoch"], best_state["meta"]["metrics"], half=True),
-                   release)
-        print(f"released {release} ({release.stat().st_size / 1e6:.1f} MB, epoch {best_state['meta']['epoch']})")
+        release_checkpoint(out / "best.pt", release)
     return summary
+
+
+def release_checkpoint(best: Path, dest: Path) -> Path:
+    """``best.pt`` -> the committed form: same keys and meta, float tensors as fp16 (half the bytes)."""
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    sd = {k: v.half() if v.dtype == torch.float32 else v for k, v in state["model"].items()}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": sd, "meta": state["meta"]}, dest)
+    print(f"released {dest} ({dest.stat().st_size / 1e6:.1f} MB, epoch {state['meta']['epoch']})")
+    return dest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,12 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
     p.add_argument("--release", type=Path, default=None, help="write the best EMA model here (fp16)")
+    p.add_argument("--release-only", action="store_true", help="just write OUT/best.pt to --release and exit")
     p.add_argument("--quiet", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.release_only:
+        if args.release is None:
+            print("--release-only needs --release PATH", file=sys.stderr)
+            return 2
+        release_checkpoint(Path(args.out) / "best.pt", args.release)
+        return 0
     if args.crop % 32:
         print("--crop must be a multiple of 32", file=sys.stderr)
         return 2
