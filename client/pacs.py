@@ -12,7 +12,6 @@ that already has an SR from this algorithm version is skipped unless ``--force``
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Iterable, Sequence
@@ -181,16 +180,14 @@ def process_study(
 
 
 def make_detector(triton: str, timeout_s: float) -> SeriesDetector:
-    """The gRPC client (written beside this module); found by name so this module imports without it."""
-    for module_name in ("ctlesion_client", "ctlesion_client.client", "ctlesion_client.grpc_client"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        cls = getattr(module, "LesionClient", None)
-        if cls is not None:
-            return cls(triton)
-    raise RuntimeError("ctlesion_client.LesionClient is not available in this installation")
+    """The gRPC client of the ensemble; ``timeout_s`` is its per-request deadline.
+
+    Imported here, not at module level, so the PACS half imports without tritonclient.
+    """
+    from ctlesion_client.client import LesionClient
+    from ctlesion_client.options import ClientOptions
+
+    return LesionClient(triton, ClientOptions(client_timeout_s=timeout_s))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,80 @@
+"""Client options: what is sent with each request, and how the client talks to the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ctlesion_client.retry import RetryPolicy
+
+DEFAULT_MODEL = "lesion_detection"
+COMPRESSIONS = ("none", "gzip", "deflate")
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """Optional ensemble inputs; ``None`` leaves the server's default (the article's values)."""
+
+    window: str | None = None  # preset name, "file" or "centre,width"
+    score_threshold: float | None = None
+    nms_iou: float | None = None
+    min_size_mm: float | None = None
+    max_size_mm: float | None = None
+
+    def as_inputs(self) -> dict[str, str | float]:
+        """Ensemble input name -> value for the options that are set."""
+        values = {
+            "window": self.window,
+            "score_threshold": self.score_threshold,
+            "nms_iou": self.nms_iou,
+            "min_size_mm": self.min_size_mm,
+            "max_size_mm": self.max_size_mm,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """gRPC over TLS; ``client_cert`` + ``client_key`` for mutual TLS. Paths to PEM files."""
+
+    root_cert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("mutual TLS needs both client_cert and client_key")
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """Transport and scheduling: deadlines, concurrency, slabs, retries, TLS, compression."""
+
+    model_name: str = DEFAULT_MODEL
+    client_timeout_s: float = 120.0  # per call; a slab of 18 slices takes seconds on 2 CPU cores
+    concurrency: int = 4  # slabs in flight per series (about 2 x instances keeps the batcher fed)
+    slab_size: int = 16  # owned slices per request; + 2 x halo must stay <= the detector max batch
+    k: int = 3  # the model's 2.5D context; halo = k // 2 slices at each slab end
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    tls: TlsOptions | None = None
+    compression: str = "none"  # gRPC message compression: none | gzip | deflate
+    check_metadata: bool = True  # compare the ensemble's metadata with the contract on first use
+
+    def __post_init__(self) -> None:
+        if self.slab_size < 1:
+            raise ValueError(f"slab_size must be >= 1, got {self.slab_size}")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.k < 1 or self.k % 2 == 0:
+            raise ValueError(f"k must be odd and >= 1, got {self.k}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+        if self.client_timeout_s <= 0:
+            raise ValueError("client_timeout_s must be > 0")
+
+    @property
+    def halo(self) -> int:
+        return self.k // 2
+
+    @property
+    def compression_algorithm(self) -> str | None:
+        return None if self.compression == "none" else self.compression

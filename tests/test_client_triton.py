@@ -1,0 +1,164 @@
+"""The client library against the real tritonserver (the `triton` fixture) over gRPC on loopback.
+
+With an untrained checkpoint (CTLESION_CHECKPOINT) the detector finds nothing or random boxes, so
+these tests assert structure and consistency with loose thresholds; whether the trained model finds
+the phantom's nodules is asserted where the committed checkpoint is known to be trained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_factory import DX_STORAGE, make_slice
+
+from ctlesion_client import (
+    AsyncLesionClient,
+    ClientOptions,
+    DetectOptions,
+    InvalidInputError,
+    LesionClient,
+    SeriesResult,
+)
+from ctlesion_client.detect_cli import main as detect_main
+from ctlesion_phantoms.truth import CaseTruth
+from preprocess_backend.types import Detection
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
+
+# Loose options so that even an untrained detector returns boxes to compare (not vacuous).
+LOOSE = DetectOptions(score_threshold=0.01, min_size_mm=0.0, max_size_mm=1000.0)
+
+
+def _sorted_files(series_dir: Path) -> list[Path]:
+    files = sorted(series_dir.glob("*.dcm"))
+    z = {f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in files}
+    return sorted(files, key=z.__getitem__)
+
+
+@pytest.fixture(scope="module")
+def sub_series(phantom_case: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 consecutive slices of the phantom around its first nodule (fits one request of <= 32)."""
+    truth = CaseTruth.load(phantom_case / "truth.json")
+    files = _sorted_files(phantom_case / "series")
+    centre = int(round(truth.nodules[0].centre_voxel[0])) if truth.nodules else len(files) // 2
+    start = max(0, min(len(files) - 24, centre - 12))
+    out = tmp_path_factory.mktemp("sub") / "series"
+    out.mkdir()
+    for f in files[start : start + 24]:
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+def _key(dets: list[Detection]) -> list[tuple[int, str]]:
+    return [(d.slice_index, d.sop_instance_uid) for d in dets]
+
+
+def _assert_same(a: list[Detection], b: list[Detection]) -> None:
+    """Same boxes on the same slices; scores / coordinates to float tolerance (batches of different
+    sizes may round differently inside onnxruntime)."""
+    assert len(a) == len(b)
+    order = lambda ds: sorted(ds, key=lambda d: (d.slice_index, d.box_px[0], d.box_px[1]))  # noqa: E731
+    for x, y in zip(order(a), order(b), strict=True):
+        assert (x.slice_index, x.sop_instance_uid, x.class_id) == (y.slice_index, y.sop_instance_uid, y.class_id)
+        assert np.allclose(x.box_px, y.box_px, atol=0.5) and abs(x.score - y.score) < 2e-3
+
+
+def test_detect_series_on_phantom_case(triton: object, phantom_case: Path) -> None:
+    series_dir = phantom_case / "series"
+    n_files = len(list(series_dir.glob("*.dcm")))
+    with LesionClient(triton.grpc_url) as client:  # type: ignore[attr-defined]
+        client.wait_ready(30)
+        result = client.detect_series(series_dir)
+    assert result.num_slices == n_files and len(result.sop_instance_uids) == n_files
+    assert result.num_slabs == -(-n_files // ClientOptions().slab_size)
+    truth = CaseTruth.load(phantom_case / "truth.json")
+    assert result.series_instance_uid == truth.series_instance_uid
+    assert result.geometry is not None and np.all(np.diff(result.geometry.z) > 0)  # position order
+    for d in result.detections:
+        assert 0 <= d.slice_index < n_files and result.sop_instance_uids[d.slice_index] == d.sop_instance_uid
+        assert d.score >= 0.3 and 3.0 - 1e-3 <= d.diameter_mm <= 30.0 + 1e-3  # the server's defaults
+    for les in result.lesions:
+        assert set(les.slices) <= {d.slice_index for d in result.detections}
+    back = SeriesResult.from_json(result.to_json())
+    assert back.to_dict() == result.to_dict()
+    assert result.timings["infer_s"] > 0 and result.timings["total_s"] >= result.timings["infer_s"]
+
+
+def test_halo_slabs_give_the_same_detections_as_one_request(triton: object, sub_series: Path) -> None:
+    url = triton.grpc_url  # type: ignore[attr-defined]
+    with LesionClient(url, ClientOptions(slab_size=64), LOOSE) as client:
+        whole = client.detect_series(sub_series)
+    with LesionClient(url, ClientOptions(slab_size=4, concurrency=4), LOOSE) as client:
+        halo = client.detect_series(sub_series)
+    assert whole.num_slabs == 1 and halo.num_slabs == 6 and whole.num_slices == halo.num_slices == 24
+    assert len(whole.detections) > 0, "loose thresholds should give boxes to compare"
+    for d in halo.detections:  # slab indices were mapped back to series order
+        assert halo.sop_instance_uids[d.slice_index] == d.sop_instance_uid
+    _assert_same(halo.detections, whole.detections)
+    assert [les.slices for les in halo.lesions] == [les.slices for les in whole.lesions]
+
+
+def test_async_client_gives_the_same_result(triton: object, sub_series: Path) -> None:
+    url = triton.grpc_url  # type: ignore[attr-defined]
+    options = ClientOptions(slab_size=8, concurrency=3)
+    with LesionClient(url, options, LOOSE) as client:
+        sync = client.detect_series(sub_series)
+
+    async def run() -> SeriesResult:
+        async with AsyncLesionClient(url, options, LOOSE) as client:
+            await client.wait_ready(30)
+            return await client.detect_series(sub_series)
+
+    result = asyncio.run(run())
+    assert result.num_slices == sync.num_slices and len(sync.detections) > 0
+    _assert_same(result.detections, sync.detections)
+
+
+def test_corrupt_file_is_named_and_the_server_keeps_serving(triton: object, sub_series: Path, tmp_path: Path) -> None:
+    series = tmp_path / "series"
+    shutil.copytree(sub_series, series)
+    files = _sorted_files(series)[:8]
+    for extra in _sorted_files(series)[8:]:
+        extra.unlink()
+    bad = files[5]
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) - 100_000])  # header intact, pixel data cut short
+    url = triton.grpc_url  # type: ignore[attr-defined]
+    with LesionClient(url, ClientOptions(slab_size=4)) as client:
+        with pytest.raises(InvalidInputError) as info:
+            client.detect_series(series)
+        err = info.value
+        assert err.status == "INVALID_ARGUMENT" and err.source == str(bad) and bad.name in str(err)
+        assert err.slab == 1  # slices 5-8 (1-based) are slab 1's
+        bad.write_bytes(data)  # repaired: the same server answers the next call
+        assert client.detect_series(series).num_slices == 8
+
+
+def test_detect_image_radiograph(triton: object) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.normal(1500, 200, (600, 480)).clip(0, 4000)
+    item = make_slice(image, modality="DX", sop_class=DX_STORAGE, position=None, orientation=None,
+                      spacing=(0.2, 0.2), intercept=0.0, window=(2000.0, 4000.0), photometric="MONOCHROME1")
+    with LesionClient(triton.grpc_url) as client:  # type: ignore[attr-defined]
+        result = client.detect_image(item, LOOSE)
+    assert result.num_slices == 1 and result.modality == "DX" and result.geometry is None and result.lesions == []
+    for d in result.detections:  # boxes in the radiograph's own pixel frame
+        assert d.slice_index == 0 and d.box_px[2] <= 480 + 1e-3 and d.box_px[3] <= 600 + 1e-3
+
+
+def test_detect_cli_prints_findings_and_writes_report(triton: object, sub_series: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report"
+    rc = detect_main([str(sub_series), "--url", triton.grpc_url, "--out", str(out), "--no-progress",  # type: ignore[attr-defined]
+                      "--score-threshold", "0.01", "--min-size-mm", "0", "--max-size-mm", "1000", "--compression", "gzip"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "finding(s)" in text and "report:" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_slices"] == 24 and report["options"]["compression"] == "gzip"
+    assert len(list(out.glob("finding_*.png"))) == report["summary"]["findings"]
