@@ -1,0 +1,231 @@
+"""``ctlesion loadtest``: a headless locust run against the Triton ensemble, with the server's own view.
+
+    ctlesion loadtest --url 127.0.0.1:8001 --metrics-url http://127.0.0.1:8002/metrics \
+        --users 4 --spawn-rate 1 --run-time 60s --slab-size 16 --out work/loadtest
+    ctlesion loadtest --model-repository work/model_repository/cpu --users 4 ...   # starts its own server
+    ctlesion loadtest --checkpoint models/ctlesion_damoyolo.pt ...                 # builds the repo too
+
+Writes to --out: locust_stats.csv, locust_stats_history.csv, locust_failures.csv,
+locust_exceptions.csv, locust.html, loadtest.json and loadtest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctlesion_bench.common import (
+    DEFAULT_CHECKPOINT,
+    REPO_ROOT,
+    Machine,
+    build_cpu_repository,
+    phantom_series_dir,
+    write_json,
+)
+from ctlesion_bench.metrics import ServerView, diff, format_view, scrape
+
+log = logging.getLogger(__name__)
+LOCUSTFILE = REPO_ROOT / "loadtest" / "locustfile.py"
+
+
+@dataclass
+class LoadtestConfig:
+    users: int = 4
+    spawn_rate: float = 1.0
+    run_time: str = "60s"
+    slab_size: int = 16
+    series_dir: Path | None = None
+    out: Path = Path("work/loadtest")
+
+
+@dataclass
+class ClientStats:
+    requests: int
+    failures: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    requests_per_s: float
+    slices_per_s: float
+
+
+@dataclass
+class LoadtestResult:
+    config: LoadtestConfig
+    url: str
+    client: ClientStats
+    server: ServerView
+    rss_before_bytes: int | None
+    rss_after_bytes: int | None
+    machine: Machine
+    returncode: int
+    reports: dict[str, str] = field(default_factory=dict)
+
+
+def _f(row: dict[str, str], key: str) -> float:
+    try:
+        return float(row.get(key) or "nan")
+    except ValueError:
+        return float("nan")
+
+
+def read_stats(csv_path: Path, slab_size: int) -> ClientStats:
+    """The ``Aggregated`` row of locust's ``*_stats.csv``."""
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    agg = next((r for r in rows if r.get("Name") == "Aggregated"), rows[-1] if rows else {})
+    rps = _f(agg, "Requests/s")
+    return ClientStats(
+        requests=int(_f(agg, "Request Count") or 0),
+        failures=int(_f(agg, "Failure Count") or 0),
+        p50_ms=_f(agg, "50%"),
+        p95_ms=_f(agg, "95%"),
+        p99_ms=_f(agg, "99%"),
+        mean_ms=round(_f(agg, "Average Response Time"), 2),
+        requests_per_s=round(rps, 3),
+        slices_per_s=round(rps * slab_size, 2),
+    )
+
+
+def run_locust(url: str, cfg: LoadtestConfig, series_dir: Path) -> int:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        "--users", str(cfg.users), "--spawn-rate", str(cfg.spawn_rate), "--run-time", cfg.run_time,
+        "--host", f"grpc://{url}", "--csv", str(cfg.out / "locust"), "--csv-full-history",
+        "--html", str(cfg.out / "locust.html"), "--only-summary",
+        "--exit-code-on-error", "0", "--loglevel", "WARNING",
+    ]  # fmt: skip
+    env = dict(os.environ, CTLESION_SERIES_DIR=str(series_dir), CTLESION_SLAB_SIZE=str(cfg.slab_size))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    log.info("locust: %s", " ".join(cmd))
+    with open(cfg.out / "locust.log", "wb") as logf:
+        return subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, check=False).returncode
+
+
+@contextlib.contextmanager
+def serving(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, str | None, object | None]]:
+    """(grpc url, metrics url, TritonServer or None): the given --url, or a server started here."""
+    if args.url:
+        yield args.url, args.metrics_url, None
+        return
+    from ctlesion_client.server import TritonServer
+
+    repo = args.model_repository
+    if repo is None:
+        repo = build_cpu_repository(args.checkpoint, work / "artifacts").repository
+    server = TritonServer(Path(repo), log_path=args.out / "tritonserver.log")
+    with server:
+        yield server.grpc_url, server.metrics_url, server
+
+
+def markdown(res: LoadtestResult) -> str:
+    c, cfg = res.client, res.config
+    mib = lambda b: f"{b / 2**20:.0f} MiB" if b else "n/a"  # noqa: E731
+    lines = [
+        f"# Load test: {cfg.users} users, spawn {cfg.spawn_rate}/s, {cfg.run_time}, slab {cfg.slab_size}",
+        "",
+        f"{res.machine.cpu_model}, {res.machine.cores} cores, {res.machine.date_utc}; server {res.url}",
+        "",
+        "| requests | failures | p50 ms | p95 ms | p99 ms | mean ms | req/s | slices/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {c.requests} | {c.failures} | {c.p50_ms:.0f} | {c.p95_ms:.0f} | {c.p99_ms:.0f} | {c.mean_ms:.0f} | "
+        f"{c.requests_per_s:.2f} | {c.slices_per_s:.1f} |",
+        "",
+        f"Server RSS before / after: {mib(res.rss_before_bytes)} / {mib(res.rss_after_bytes)}",
+        "",
+    ]
+    if res.server.reachable:
+        lines += [
+            "| model | requests | failures | avg batch | queue ms/req | compute ms/req | infer ms/exec |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {v.model} | {v.requests:.0f} | {v.failures:.0f} | {v.avg_batch:.2f} | {v.queue_ms_per_request:.2f} | "
+            f"{v.compute_ms_per_request:.2f} | {v.infer_ms_per_exec:.2f} |"
+            for v in res.server.models
+        ]
+    else:
+        lines.append("Server metrics: not reachable.")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> LoadtestResult:
+    cfg = LoadtestConfig(
+        args.users, args.spawn_rate, args.run_time, args.slab_size, args.series_dir, args.out
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ctlesion-loadtest-"))
+    series = cfg.series_dir or phantom_series_dir(args.out / "data", max(cfg.slab_size * 4, 32))
+    with serving(args, work) as (url, metrics_url, server):
+        rss_before = server.rss_bytes() if server is not None else None  # type: ignore[attr-defined]
+        before = scrape(metrics_url) if metrics_url else {}
+        rc = run_locust(url, cfg, series)
+        after = scrape(metrics_url) if metrics_url else {}
+        rss_after = server.rss_bytes() if server is not None else None  # type: ignore[attr-defined]
+    stats_csv = args.out / "locust_stats.csv"
+    if not stats_csv.exists():
+        raise RuntimeError(f"locust wrote no {stats_csv} (exit {rc}); see {args.out / 'locust.log'}")
+    reports = {p.name: str(p) for p in sorted(args.out.glob("locust*"))}
+    return LoadtestResult(cfg, url, read_stats(stats_csv, cfg.slab_size), diff(before, after), rss_before, rss_after,
+                          Machine.here(), rc, reports)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ctlesion loadtest", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--url", help="gRPC HOST:PORT of a running server (else one is started here)")
+    src.add_argument("--model-repository", type=Path, help="start tritonserver on this repository")
+    p.add_argument(
+        "--metrics-url", help="Prometheus endpoint of the --url server, e.g. http://HOST:8002/metrics"
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help="used when neither --url nor --model-repository",
+    )
+    p.add_argument("--users", type=int, default=4)
+    p.add_argument("--spawn-rate", type=float, default=1.0)
+    p.add_argument("--run-time", default="60s", help="locust duration, e.g. 60s, 5m")
+    p.add_argument("--slab-size", type=int, default=16)
+    p.add_argument("--series-dir", type=Path, help="DICOM series to send (default: a generated phantom)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "work" / "loadtest")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.url and not args.metrics_url:
+        host = args.url.rsplit(":", 1)[0]
+        args.metrics_url = f"http://{host}:8002/metrics"
+    res = run(args)
+    write_json(args.out / "loadtest.json", res)
+    (args.out / "loadtest.md").write_text(markdown(res))
+    c = res.client
+    print(f"locust: {c.requests} requests, {c.failures} failures; latency p50 {c.p50_ms:.0f} ms, p95 {c.p95_ms:.0f} ms, "
+          f"p99 {c.p99_ms:.0f} ms; {c.requests_per_s:.2f} req/s = {c.slices_per_s:.1f} slices/s")  # fmt: skip
+    print(format_view(res.server))
+    if res.rss_before_bytes is not None:
+        print(
+            f"server RSS: {res.rss_before_bytes / 2**20:.0f} MiB before, {(res.rss_after_bytes or 0) / 2**20:.0f} MiB after"
+        )
+    print(
+        f"reports: {args.out}/locust_stats.csv, {args.out}/locust.html, {args.out}/loadtest.json, {args.out}/loadtest.md"
+    )
+    return 0 if c.failures == 0 and res.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

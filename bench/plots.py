@@ -1,0 +1,54 @@
+"""PNG plots of the ensemble sweep: latency percentiles and throughput vs concurrency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ctlesion_bench.measure import EnsembleRow  # noqa: E402
+
+
+def latency_plot(rows: list[EnsembleRow], path: Path) -> Path:
+    conc = [r.concurrency for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^:")):
+        ax.plot(conc, [getattr(r, key) for r in rows], style, label=key.split("_")[0])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(conc, [str(c) for c in conc])
+    ax.set_xlabel("in-flight slabs (concurrency)")
+    ax.set_ylabel("latency per slab request (ms)")
+    ax.set_title("Triton ensemble over gRPC: latency percentiles")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def throughput_plot(
+    rows: list[EnsembleRow], path: Path, detector_alone: float | None, naive: float | None
+) -> Path:
+    conc = [r.concurrency for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(conc, [r.slices_per_s for r in rows], "o-", label="ensemble (gRPC)")
+    if detector_alone:
+        ax.axhline(detector_alone, color="C2", ls="--", label="detector alone (ORT, best batch)")
+    if naive:
+        ax.axhline(naive, color="C3", ls=":", label="naive per-image baseline")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(conc, [str(c) for c in conc])
+    ax.set_xlabel("in-flight slabs (concurrency)")
+    ax.set_ylabel("slices / s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Throughput vs concurrency")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

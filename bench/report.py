@@ -1,0 +1,155 @@
+"""Markdown, console summary, plots and the bench/RESULTS.md section of a ``ctlesion bench`` run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ctlesion_bench.bench import BenchResult
+
+BEGIN, END = "<!-- bench:cpu:begin -->", "<!-- bench:cpu:end -->"
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def render_plots(res: BenchResult, out: Path) -> list[str]:
+    if not res.ensemble:
+        return []
+    from ctlesion_bench.plots import latency_plot, throughput_plot
+
+    det = res.best_detector()
+    return [
+        str(latency_plot(res.ensemble, out / "latency.png")),
+        str(throughput_plot(res.ensemble, out / "throughput.png", det.slices_per_s if det else None,
+                            res.naive.slices_per_s if res.naive else None)),
+    ]  # fmt: skip
+
+
+def markdown(res: BenchResult, plot_dir: str | None = None) -> str:
+    m = res.machine
+    det, ens, r = res.best_detector(), res.best_ensemble(), res.ratios
+    s = res.settings
+    lines = [
+        f"Command: `{res.command}`",
+        "",
+        f"Machine: {m.cpu_model}, {m.cores} cores, Python {m.python}, no GPU used; {m.date_utc}; run took {res.seconds:.0f} s.",
+        f"Data: phantom CT series of {s.get('series_slices')} slices, slabs of {s.get('slab_size')}, model input "
+        f"{s.get('input')}; every figure is the median of {s.get('repeat')} repeats.",
+        "",
+        "| | slices/s | note |",
+        "|---|---:|---|",
+        f"| (1) detector alone, onnxruntime in-process | {_fmt(det.slices_per_s if det else None, '.1f')} | best batch {det.batch if det else 'n/a'} |",
+        f"| (2) Triton ensemble over gRPC | {_fmt(ens.slices_per_s if ens else None, '.1f')} | best concurrency {ens.concurrency if ens else 'n/a'} |",
+        f"| (3) naive per-image baseline | {_fmt(res.naive.slices_per_s if res.naive else None, '.1f')} | pydicom + window + PyTorch + NMS, batch 1, {res.naive.torch_threads if res.naive else '-'} torch thread(s) |",
+        "",
+        f"- (2)/(1) serving overhead: **{_fmt(r.serving_over_detector, '.3f')}** (target >= {r.serving_target})",
+        f"- (2)/(3) what Triton + batching buys: **{_fmt(r.serving_over_naive, '.2f')}x** (target >= {r.speedup_target}x)",
+        f"- server RSS at the end: {_fmt(res.server_rss_end_bytes / 2**20 if res.server_rss_end_bytes else None, '.0f')} MiB",
+        "",
+        "Detector alone (onnxruntime CPU, default threads):",
+        "",
+        "| batch | ms / batch | slices/s |",
+        "|---:|---:|---:|",
+        *[f"| {d.batch} | {d.ms_per_batch:.1f} | {d.slices_per_s:.1f} |" for d in res.detector],
+        "",
+        "Ensemble over gRPC (client latency per slab request):",
+        "",
+        "| in-flight slabs | slices/s | req/s | p50 ms | p95 ms | p99 ms | failures / requests |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {e.concurrency} | {e.slices_per_s:.1f} | {e.requests_per_s:.2f} | {e.p50_ms:.0f} | {e.p95_ms:.0f} | {e.p99_ms:.0f} | {e.failures} / {e.requests} |"
+            for e in res.ensemble
+        ],  # fmt: skip
+    ]
+    if res.server_view and res.server_view.reachable:
+        lines += [
+            "",
+            "Server's own view over the whole sweep (Triton Prometheus metrics; avg batch = inferences / executions):",
+            "",
+            "| model | requests | avg batch | queue ms/req | compute ms/req | infer ms/exec |",
+            "|---|---:|---:|---:|---:|---:|",
+            *[
+                f"| {v.model} | {v.requests:.0f} | {v.avg_batch:.2f} | {v.queue_ms_per_request:.1f} | {v.compute_ms_per_request:.1f} | {v.infer_ms_per_exec:.1f} |"
+                for v in res.server_view.models
+            ],  # fmt: skip
+        ]
+    if res.int8:
+        lines += [
+            "",
+            "FP32 vs INT8 (QDQ, min-max calibration on phantom slices) detector, onnxruntime CPU, interleaved:",
+            "",
+            "| batch | fp32 ms | int8 ms | fp32/int8 |",
+            "|---:|---:|---:|---:|",
+            *[
+                f"| {q['batch']} | {q['fp32_ms']:.1f} | {q['int8_ms']:.1f} | {q['speedup']:.2f} |"
+                for q in res.int8
+            ],
+        ]
+    if res.plots:
+        base = plot_dir if plot_dir is not None else ""
+        lines += ["", *[f"![{Path(p).stem}]({base}{Path(p).name})" for p in res.plots]]
+    if res.notes:
+        lines += ["", *[f"- {n}" for n in res.notes]]
+    return "\n".join(lines) + "\n"
+
+
+GPU_SECTION = """## GPU
+
+No GPU figures were measured: the task that wrote this harness was lent no GPU. A GPU user runs
+
+    ctlesion bench --device cuda --checkpoint models/ctlesion_damoyolo.pt --out work/bench-gpu
+    # same as: python -m ctlesion_bench.gpu_sweep --checkpoint models/ctlesion_damoyolo.pt --out work/bench-gpu
+
+which measures detector throughput vs batch in torch fp32 / fp16 / CUDA graphs (fp16), records the
+GPU's name, writes gpu.json + gpu.md, and exits with a clear message (code 2) where CUDA is absent.
+"""
+
+
+def update_results_md(path: Path, res: BenchResult) -> Path:
+    """Replace the CPU section between the markers (the rest of the file is kept).
+
+    The plots are copied next to the results file (``results/``) so that the file and its figures
+    are committed together; the run's own copies stay in --out.
+    """
+    import shutil
+
+    plots = path.parent / "results"
+    plots.mkdir(parents=True, exist_ok=True)
+    for p in res.plots:
+        shutil.copy2(p, plots / Path(p).name)
+    section = f"{BEGIN}\n## CPU (latest `ctlesion bench` run)\n\n{markdown(res, 'results/')}{END}"
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    else:
+        head = "# Benchmark results\n\nEach figure below was written by the command shown with it, on the machine named.\n\n"
+        text = (text or head) + section + "\n\n" + (GPU_SECTION if "## GPU" not in text else "")
+    path.write_text(text)
+    return path
+
+
+def print_summary(res: BenchResult) -> None:
+    det, ens, r = res.best_detector(), res.best_ensemble(), res.ratios
+    print(
+        f"(1) detector alone : {_fmt(det.slices_per_s if det else None, '.1f')} slices/s (batch {det.batch if det else '-'})"
+    )
+    print(
+        f"(2) ensemble gRPC  : {_fmt(ens.slices_per_s if ens else None, '.1f')} slices/s (concurrency {ens.concurrency if ens else '-'})"
+    )
+    print(f"(3) naive baseline : {_fmt(res.naive.slices_per_s if res.naive else None, '.1f')} slices/s")
+    print(f"(2)/(1) = {_fmt(r.serving_over_detector, '.3f')} (target >= {r.serving_target}); "
+          f"(2)/(3) = {_fmt(r.serving_over_naive, '.2f')}x (target >= {r.speedup_target}x)")  # fmt: skip
+    for e in res.ensemble:
+        print(
+            f"  concurrency {e.concurrency}: {e.slices_per_s:.1f} slices/s, p50 {e.p50_ms:.0f} p95 {e.p95_ms:.0f} p99 {e.p99_ms:.0f} ms, {e.failures} failures"
+        )
+    for q in res.int8:
+        print(
+            f"  int8 batch {q['batch']}: fp32 {q['fp32_ms']:.1f} ms, int8 {q['int8_ms']:.1f} ms, x{q['speedup']:.2f}"
+        )
+    if res.server_rss_end_bytes:
+        print(f"server RSS at the end: {res.server_rss_end_bytes / 2**20:.0f} MiB")

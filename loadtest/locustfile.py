@@ -1,0 +1,91 @@
+"""Locust user that sends real DICOM slabs to the Triton ensemble over gRPC (tritonclient).
+
+Non-HTTP client pattern from locust's docs / examples/grpc: gRPC is made gevent-cooperative with
+``grpc.experimental.gevent.init_gevent()``, and every call fires ``events.request`` itself with its
+timing, response length and exception. One request = one slab of consecutive slices of one series,
+sent as ``dicom`` BYTES [slab_size]. ``response_length`` is the number of slices in the slab, so
+"Average Content Size" in the reports is slices per request.
+
+Configuration (environment, set by ``ctlesion loadtest``):
+  CTLESION_SERIES_DIR   folder of one DICOM series (Part-10 files, sorted by name = slice order)
+  CTLESION_SLAB_SIZE    slices per request (default 16)
+  CTLESION_MODEL        ensemble name (default lesion_detection)
+  CTLESION_TIMEOUT_S    client timeout per request (default 120)
+Host: ``--host grpc://127.0.0.1:8001`` (the scheme is optional).
+
+    locust -f loadtest/locustfile.py --headless -u 4 -r 1 -t 60s --host grpc://127.0.0.1:8001 \
+        --csv out/locust --html out/locust.html
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+
+import grpc.experimental.gevent as grpc_gevent
+
+grpc_gevent.init_gevent()
+
+import numpy as np  # noqa: E402
+import tritonclient.grpc as grpcclient  # noqa: E402
+from locust import User, constant, events, task  # noqa: E402
+
+MODEL = os.environ.get("CTLESION_MODEL", "lesion_detection")
+SLAB_SIZE = int(os.environ.get("CTLESION_SLAB_SIZE", "16"))
+TIMEOUT_S = float(os.environ.get("CTLESION_TIMEOUT_S", "120"))
+_SLABS: list[list[bytes]] = []
+
+
+def load_slabs(series_dir: Path, slab_size: int) -> list[list[bytes]]:
+    files = sorted(p for p in series_dir.rglob("*") if p.is_file() and p.suffix.lower() in (".dcm", ""))
+    items = [p.read_bytes() for p in files]
+    if not items:
+        raise FileNotFoundError(f"no DICOM files under {series_dir}")
+    slabs = [items[i : i + slab_size] for i in range(0, len(items), slab_size)]
+    return [s for s in slabs if len(s) == slab_size] or slabs
+
+
+@events.init.add_listener
+def _on_init(environment: object, **_: object) -> None:
+    series = os.environ.get("CTLESION_SERIES_DIR")
+    if not series:
+        raise SystemExit("set CTLESION_SERIES_DIR to a DICOM series folder (ctlesion loadtest does)")
+    _SLABS.extend(load_slabs(Path(series), SLAB_SIZE))
+
+
+class TritonSlabUser(User):
+    """One user = one in-flight slab at a time, back to back (no think time)."""
+
+    wait_time = constant(0)
+
+    def __init__(self, environment: object) -> None:
+        super().__init__(environment)
+        host = (self.host or "127.0.0.1:8001").split("://", 1)[-1]
+        self.client = grpcclient.InferenceServerClient(host)
+        start = (id(self) // 16) % max(1, len(_SLABS))
+        self.slabs = itertools.islice(itertools.cycle(_SLABS), start, None)
+
+    @task
+    def infer_slab(self) -> None:
+        slab = next(self.slabs)
+        tensor = grpcclient.InferInput("dicom", [len(slab)], "BYTES")
+        tensor.set_data_from_numpy(np.array(slab, dtype=object))
+        exception: BaseException | None = None
+        t0 = time.perf_counter()
+        try:
+            self.client.infer(MODEL, [tensor], client_timeout=TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - reported to locust as a failure
+            exception = exc
+        self.environment.events.request.fire(
+            request_type="grpc",
+            name=f"{MODEL} slab[{len(slab)}]",
+            response_time=(time.perf_counter() - t0) * 1000.0,
+            response_length=len(slab),
+            exception=exception,
+            context={},
+        )
+
+    def on_stop(self) -> None:
+        self.client.close()
