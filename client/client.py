@@ -49,7 +49,7 @@ from preprocess_backend.types import Detection
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]  # (slabs done, slabs in all)
+ProgressFn = Callable[[int, int], None]  # (slabs done, slabs in all); first call (0, total)
 ImageInput = str | Path | bytes | bytearray | pydicom.Dataset
 
 
@@ -191,6 +191,8 @@ class LesionClient(_ClientBase):
         latencies: list[float] = []
         retries: list[str] = []  # per call: concurrent series on one client keep theirs apart
         total = len(prepared.plans)
+        if progress is not None:
+            progress(0, total)  # the bar shows before the first (possibly slow) slab returns
         workers = max(1, min(self.options.concurrency, total))
         # The pool size is the in-flight bound: each worker reads its slab's files, then waits on gRPC.
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctlesion-slab") as pool:
@@ -300,6 +302,8 @@ class AsyncLesionClient(_ClientBase):
         latencies: list[float] = []
         retries: list[str] = []  # per call: concurrent series on one client keep theirs apart
         total = len(prepared.plans)
+        if progress is not None:
+            progress(0, total)  # the bar shows before the first (possibly slow) slab returns
 
         async def one(plan: SlabPlan) -> None:
             async with semaphore:

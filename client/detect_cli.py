@@ -48,8 +48,9 @@ def tqdm_progress(desc: str = "slabs", enabled: bool = True) -> tuple[Callable[[
         if "bar" not in state:
             from tqdm import tqdm
 
-            state["bar"] = tqdm(total=total, desc=desc, unit="slab", leave=False, file=sys.stderr)
-        state["bar"].update(1)  # type: ignore[attr-defined]
+            state["bar"] = tqdm(total=total, desc=desc, unit="slab", file=sys.stderr)
+        bar = state["bar"]
+        bar.update(done - bar.n)  # type: ignore[attr-defined]  # absolute count: (0, total) opens the bar
 
     def close() -> None:
         bar = state.pop("bar", None)

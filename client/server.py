@@ -117,6 +117,8 @@ class TritonServer:
         ]
 
     def start(self, timeout_s: float = 180.0) -> TritonServer:
+        if self.process is not None and self.process.poll() is None:
+            return self  # already running: a second start would orphan the first server
         repo = Path(self.model_repository)
         if not repo.is_dir():
             raise TritonStartError(f"model repository {repo} does not exist: build it with `ctlesion build-repo`")

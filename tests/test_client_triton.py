@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -20,12 +23,15 @@ from dicom_factory import DX_STORAGE, make_slice
 from ctlesion_client import (
     AsyncLesionClient,
     ClientOptions,
+    DeadlineExceededError,
     DetectOptions,
     InvalidInputError,
     LesionClient,
     SeriesResult,
+    TlsOptions,
 )
 from ctlesion_client.detect_cli import main as detect_main
+from ctlesion_phantoms.matching import match_lesions
 from ctlesion_phantoms.truth import CaseTruth
 from preprocess_backend.types import Detection
 
@@ -69,12 +75,27 @@ def _assert_same(a: list[Detection], b: list[Detection]) -> None:
         assert np.allclose(x.box_px, y.box_px, atol=0.5) and abs(x.score - y.score) < 2e-3
 
 
-def test_detect_series_on_phantom_case(triton: object, phantom_case: Path) -> None:
-    series_dir = phantom_case / "series"
-    n_files = len(list(series_dir.glob("*.dcm")))
+@pytest.fixture(scope="module")
+def phantom_result(triton: object, phantom_case: Path) -> SeriesResult:
+    """The whole phantom case through the client with the server's default options (sent once)."""
     with LesionClient(triton.grpc_url) as client:  # type: ignore[attr-defined]
         client.wait_ready(30)
-        result = client.detect_series(series_dir)
+        return client.detect_series(phantom_case / "series")
+
+
+def _checkpoint_meta() -> dict[str, Any]:
+    """``meta`` of the checkpoint the `triton` fixture serves (the same path rule as conftest)."""
+    import torch
+
+    path = Path(os.environ.get("CTLESION_CHECKPOINT", Path(__file__).resolve().parents[1] / "models" / "ctlesion_damoyolo.pt"))
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return dict(ckpt.get("meta") or {}) if isinstance(ckpt, dict) else {}
+
+
+def test_detect_series_on_phantom_case(phantom_result: SeriesResult, phantom_case: Path) -> None:
+    series_dir = phantom_case / "series"
+    n_files = len(list(series_dir.glob("*.dcm")))
+    result = phantom_result
     assert result.num_slices == n_files and len(result.sop_instance_uids) == n_files
     assert result.num_slabs == -(-n_files // ClientOptions().slab_size)
     truth = CaseTruth.load(phantom_case / "truth.json")
@@ -162,3 +183,73 @@ def test_detect_cli_prints_findings_and_writes_report(triton: object, sub_series
     report = json.loads((out / "report.json").read_text())
     assert report["num_slices"] == 24 and report["options"]["compression"] == "gzip"
     assert len(list(out.glob("finding_*.png"))) == report["summary"]["findings"]
+
+
+def test_trained_checkpoint_finds_a_large_phantom_nodule(phantom_result: SeriesResult, phantom_case: Path) -> None:
+    """Served end to end with the product's defaults, a trained detector hits (LUNA16 criterion) at
+    least one truth nodule of >= 10 mm. Gated on the checkpoint's own training record, so an
+    untrained CTLESION_CHECKPOINT skips instead of failing; a trained one that misses fails."""
+    metrics = _checkpoint_meta().get("metrics") or {}
+    if float(metrics.get("map50", 0.0)) < 0.3:
+        pytest.skip(f"the served checkpoint is not trained (validation map50 {metrics.get('map50')!r} < 0.3)")
+    truth = CaseTruth.load(phantom_case / "truth.json")
+    large = [n for n in truth.nodules if n.diameter_mm >= 10.0]
+    assert large, "the phantom_case fixture should hold a nodule of >= 10 mm"
+    match = match_lesions(phantom_result.lesions, truth)
+    hit = [n.nodule_id for n in large if match.nodule_hit.get(n.nodule_id)]
+    summary = [(n.nodule_id, round(n.diameter_mm, 1), n.type) for n in large]
+    assert hit, f"no >= 10 mm nodule hit: large {summary}, {len(phantom_result.lesions)} lesion(s), {match.to_dict()}"
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def _make_pki(d: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (PEM files)."""
+    paths = {name: d / f"{name}.pem" for name in ("ca", "ca_key", "server", "server_key", "client", "client_key")}
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=ctlesion test CA",
+             "-keyout", str(paths["ca_key"]), "-out", str(paths["ca"]))
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
+        csr, ext = d / f"{name}.csr", d / f"{name}.ext"
+        ext.write_text(extra + "\n")
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=ctlesion {name}",
+                 "-keyout", str(paths[f"{name}_key"]), "-out", str(csr))
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(paths["ca"]), "-CAkey", str(paths["ca_key"]),
+                 "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(paths[name]))
+    return paths
+
+
+def test_mutual_tls_against_the_real_server(cpu_repository: Path, sub_series: Path, tmp_path: Path) -> None:
+    """gRPC over mutual TLS: the client with the CA and its certificate is served; a client without
+    TLS, or without a client certificate, never gets in."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl binary to make test certificates")
+    from ctlesion_client.server import TritonServer
+
+    pki = _make_pki(tmp_path)
+    files = _sorted_files(sub_series)[:6]
+    tls_args = [
+        "--grpc-use-ssl=true",
+        "--grpc-use-ssl-mutual=true",
+        f"--grpc-server-cert={pki['server']}",
+        f"--grpc-server-key={pki['server_key']}",
+        f"--grpc-root-cert={pki['ca']}",
+    ]
+    mutual = TlsOptions(root_cert=str(pki["ca"]), client_cert=str(pki["client"]), client_key=str(pki["client_key"]))
+    server = TritonServer(cpu_repository, log_path=tmp_path / "tritonserver.log", extra_args=tls_args)
+    server.start(timeout_s=240)  # stops itself if start-up fails
+    try:
+        with LesionClient(server.grpc_url, ClientOptions(tls=mutual, slab_size=4), LOOSE) as client:
+            client.wait_ready(30)
+            result = client.detect_series(files)
+        assert result.num_slices == 6 and result.options["tls"] is True
+        with LesionClient(server.grpc_url) as plain, pytest.raises(DeadlineExceededError):
+            plain.wait_ready(3)  # plaintext against TLS: the handshake never completes
+        server_only = TlsOptions(root_cert=str(pki["ca"]))
+        with LesionClient(server.grpc_url, ClientOptions(tls=server_only)) as anonymous, pytest.raises(
+            DeadlineExceededError
+        ):
+            anonymous.wait_ready(3)  # mutual TLS: no client certificate, no connection
+    finally:
+        server.stop()

@@ -390,6 +390,27 @@ def test_async_client_matches_sync(series11: list[bytes]) -> None:
     assert [les.to_dict() for les in result.lesions] == [les.to_dict() for les in sync.lesions]
 
 
+def test_progress_opens_at_zero_and_counts_every_slab(series11: list[bytes], capsys: pytest.CaptureFixture[str]) -> None:
+    from ctlesion_client.detect_cli import tqdm_progress
+
+    seen: list[tuple[int, int]] = []
+    client_with(FakeTransport(), slab_size=4).detect_series(series11, progress=lambda d, t: seen.append((d, t)))
+
+    async def run() -> list[tuple[int, int]]:
+        got: list[tuple[int, int]] = []
+        async with AsyncLesionClient("fake:0", ClientOptions(slab_size=4), transport=AsyncFakeTransport(FakeTransport())) as c:
+            await c.detect_series(series11, progress=lambda d, t: got.append((d, t)))
+        return got
+
+    assert seen == asyncio.run(run()) == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    update, close = tqdm_progress(enabled=True)
+    for done, total in seen:
+        update(done, total)
+    close()
+    bar = capsys.readouterr().err
+    assert "0/3" in bar and "3/3" in bar and "4/3" not in bar  # absolute counts, none twice
+
+
 def test_detect_image_radiograph() -> None:
     rng = np.random.default_rng(0)
     item = make_slice(rng.normal(1500, 200, (60, 48)).clip(0, 4000), modality="DX", sop_class=DX_STORAGE,
