@@ -54,7 +54,8 @@ def test_reader_draws_preprocessed_slices(data: dict) -> None:
     reader: DicomCalibrationReader = data["reader"]
     assert len(reader) == 8
     first = reader.images()
-    assert first.shape == (8, 3, 128, 128) and first.dtype == np.float32
+    size = data["options"].model_size  # 128 for the seeded model, 512 for the committed checkpoint
+    assert first.shape == (8, 3, size, size) and first.dtype == np.float32
     assert np.all(first == np.round(first)) and first.min() >= 0 and first.max() <= 255  # windowed 0..255 integers
     reader.rewind()
     batches = list(iter(reader.get_next, None))
