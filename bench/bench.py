@@ -25,10 +25,13 @@ import numpy as np
 from ctlesion_bench.common import (
     DEFAULT_CHECKPOINT,
     REPO_ROOT,
+    Artifacts,
     Machine,
     build_cpu_repository,
+    configure_logging,
     phantom_series_dir,
     read_series,
+    repository_detector_onnx,
     slabs_of,
     write_json,
 )
@@ -119,9 +122,13 @@ def run(args: argparse.Namespace, result: BenchResult) -> BenchResult:
     out: Path = args.out
     save = lambda: write_json(out / "bench.json", result)  # noqa: E731
     save()
-    art = build_cpu_repository(
-        args.checkpoint, out / "artifacts", max_batch_size=args.max_batch_size, onnx=args.onnx
-    )
+    if args.model_repository:  # serve this repository; (1) runs the very ONNX its detector serves
+        repo = args.model_repository
+        art = Artifacts(args.onnx or repository_detector_onnx(repo), repo, args.checkpoint)
+    else:
+        art = build_cpu_repository(
+            args.checkpoint, out / "artifacts", max_batch_size=args.max_batch_size, onnx=args.onnx
+        )
     items = read_series(args.series_dir or phantom_series_dir(out / "data", args.slices))
     slabs = slabs_of(items, args.slab_size)
     info = inspect_onnx(art.onnx)
@@ -145,7 +152,12 @@ def run(args: argparse.Namespace, result: BenchResult) -> BenchResult:
     with server:
         before = scrape(server.metrics_url)
         result.ensemble = ensemble_sweep(
-            server.grpc_url, slabs, args.concurrency, args.requests_per_worker, args.repeat
+            server.grpc_url,
+            slabs,
+            args.concurrency,
+            args.requests_per_worker,
+            args.repeat,
+            server.metrics_url,
         )
         result.server_view = diff(before, scrape(server.metrics_url))
         result.server_rss_end_bytes = server.rss_bytes()
@@ -158,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctlesion bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--onnx", type=Path, help="use this exported detector instead of exporting --checkpoint")
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        help="serve this built repository for (2) (default: build a CPU one from --checkpoint / --onnx); "
+        "--checkpoint is still read by the naive baseline (3)",
+    )
     p.add_argument("--out", type=Path, default=REPO_ROOT / "work" / "bench")
     p.add_argument("--series-dir", type=Path, help="DICOM series to use (default: a generated phantom)")
     p.add_argument("--slices", type=int, default=64, help="phantom series length")
@@ -184,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     if args.device == "cuda":
         from ctlesion_bench.gpu_sweep import main as gpu_main
 

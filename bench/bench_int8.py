@@ -44,7 +44,9 @@ def _session(path: Path, threads: int) -> object:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def bench(fp32: Path, int8: Path, images: np.ndarray, batches: list[int], repeat: int, warmup: int, threads: int) -> list[BenchRow]:
+def bench(
+    fp32: Path, int8: Path, images: np.ndarray, batches: list[int], repeat: int, warmup: int, threads: int
+) -> list[BenchRow]:
     sessions = {"fp32": _session(fp32, threads), "int8": _session(int8, threads)}
     rows = []
     for b in batches:
@@ -69,7 +71,9 @@ def _demo_models(size: int, out: Path) -> tuple[Path, Path, np.ndarray]:
     from ctlesion_phantoms import PhantomConfig, generate_dataset
     from preprocess_backend.types import Options
 
-    generate_dataset(out / "phantoms", 2, 0, PhantomConfig(matrix=size, slices_max=12, max_vessel_segments=300))
+    generate_dataset(
+        out / "phantoms", 2, 0, PhantomConfig(matrix=size, slices_max=12, max_vessel_segments=300)
+    )
     dirs = find_series_dirs(out / "phantoms")
     images = load_images(dirs, Options(model_size=size), 4)
     fp32 = export_onnx(seeded_detector(sample=images[:4], size=size), out / "fp32.onnx", size=size)
@@ -86,7 +90,9 @@ def _demo_models(size: int, out: Path) -> tuple[Path, Path, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ctlesion_bench.bench_int8", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m ctlesion_bench.bench_int8", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--fp32", type=Path)
     p.add_argument("--int8", type=Path)
     p.add_argument("--demo", action="store_true", help="export + quantize a seeded Ns model first")
@@ -111,19 +117,31 @@ def main(argv: list[str] | None = None) -> int:
                 from ctlesion_export.calibration import find_series_dirs, load_images
                 from preprocess_backend.types import Options
 
-                images = load_images(find_series_dirs(args.dicom_dir), Options(model_size=info.height, k=info.channels), 4)
+                images = load_images(
+                    find_series_dirs(args.dicom_dir), Options(model_size=info.height, k=info.channels), 4
+                )
             else:
-                images = np.random.default_rng(0).integers(0, 256, (4, info.channels, info.height, info.width)).astype(np.float32)
+                images = (
+                    np.random.default_rng(0)
+                    .integers(0, 256, (4, info.channels, info.height, info.width))
+                    .astype(np.float32)
+                )
         else:
             p.error("give --fp32 and --int8, or --demo")
         rows = bench(fp32, int8, images, args.batch, args.repeat, args.warmup, args.threads)
     import onnxruntime as ort
 
-    print(f"onnxruntime {ort.__version__} CPU, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
-          f"input {list(images.shape[1:])}, median of {args.repeat} interleaved runs")
-    print(f"{'batch':>5} {'fp32 ms':>9} {'int8 ms':>9} {'fp32/int8':>9} {'fp32 ms/sl':>10} {'int8 ms/sl':>10}")
+    print(
+        f"onnxruntime {ort.__version__} CPU, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
+        f"input {list(images.shape[1:])}, median of {args.repeat} interleaved runs"
+    )
+    print(
+        f"{'batch':>5} {'fp32 ms':>9} {'int8 ms':>9} {'fp32/int8':>9} {'fp32 ms/sl':>10} {'int8 ms/sl':>10}"
+    )
     for r in rows:
-        print(f"{r.batch:>5} {r.fp32_ms:>9.2f} {r.int8_ms:>9.2f} {r.speedup:>9.2f} {r.fp32_ms_per_slice:>10.2f} {r.int8_ms_per_slice:>10.2f}")
+        print(
+            f"{r.batch:>5} {r.fp32_ms:>9.2f} {r.int8_ms:>9.2f} {r.speedup:>9.2f} {r.fp32_ms_per_slice:>10.2f} {r.int8_ms_per_slice:>10.2f}"
+        )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     return 0

@@ -44,7 +44,9 @@ def synthetic_series(n: int, size: int = 512, seed: int = 0) -> list[bytes]:
     base = np.full((size, size), -1000.0, np.float32)
     base[((yy - c) / (0.38 * size)) ** 2 + ((xx - c) / (0.45 * size)) ** 2 <= 1] = 40.0
     for side in (-1, 1):
-        base[((yy - c) / (0.25 * size)) ** 2 + ((xx - c - side * 0.2 * size) / (0.14 * size)) ** 2 <= 1] = -850.0
+        base[
+            ((yy - c) / (0.25 * size)) ** 2 + ((xx - c - side * 0.2 * size) / (0.14 * size)) ** 2 <= 1
+        ] = -850.0
     series_uid = generate_uid()
     items = []
     for i in range(n):
@@ -56,7 +58,11 @@ def synthetic_series(n: int, size: int = 512, seed: int = 0) -> list[bytes]:
         ds = Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), series_uid, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
+            generate_uid(),
+            series_uid,
+            generate_uid(),
+        )
         ds.Modality, ds.InstanceNumber = "CT", i + 1
         ds.Rows = ds.Columns = size
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -113,7 +119,9 @@ def run(n: int, repeat: int, size: int) -> dict[str, float]:
         "floor: numpy copy of the bytes": lambda: [r.copy() for r in raws],
         "parse (pydicom dcmread)": lambda: [pydicom.dcmread(io.BytesIO(b)) for b in items],
         "decode total (parse + pixels + HU)": lambda: [decode_frames(b) for b in items],
-        "  of which HU (float32 mul/add)": lambda: [s.hu * np.float32(1.0) + np.float32(-1024.0) for s in ordered],
+        "  of which HU (float32 mul/add)": lambda: [
+            s.hu * np.float32(1.0) + np.float32(-1024.0) for s in ordered
+        ],
         "order (assemble_series)": lambda: assemble_series(slices),
         "window (lung, uint8)": lambda: [window_slice(s, "lung", dtype=np.uint8) for s in ordered],
         "stack 2.5D k=3 -> uint8": lambda: stack(np.uint8),
@@ -123,7 +131,9 @@ def run(n: int, repeat: int, size: int) -> dict[str, float]:
         "low-res HU 1/4 (block mean)": lambda: block_mean(hu, 4),
         "masks body + lung (1/8 grid)": lambda: anatomy_mask(lo),
         "preprocess_slab total, float32": lambda: preprocess_slab(items, opts),
-        "preprocess_slab total, uint8": lambda: preprocess_slab(items, Options(model_size=size, image_dtype="uint8")),
+        "preprocess_slab total, uint8": lambda: preprocess_slab(
+            items, Options(model_size=size, image_dtype="uint8")
+        ),
         "postprocess_slab (NMS, filters)": lambda: postprocess_slab(scores, boxes, meta, opts),
     }
     return {name: best(fn, repeat) / n * 1e3 for name, fn in stages.items()}
@@ -137,12 +147,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=str, default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
     results = run(args.slices, args.repeat, args.size)
-    print(f"per {args.size}x{args.size} CT slice, one core, best of {args.repeat}, slab of {args.slices} ({platform.processor() or platform.machine()})")
+    print(
+        f"per {args.size}x{args.size} CT slice, one core, best of {args.repeat}, slab of {args.slices} ({platform.processor() or platform.machine()})"
+    )
     for name, ms in results.items():
         print(f"  {name:<46s} {ms:8.3f} ms")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "ms_per_slice": results, "numpy": np.__version__, "pydicom": pydicom.__version__}, fh, indent=2)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "ms_per_slice": results,
+                    "numpy": np.__version__,
+                    "pydicom": pydicom.__version__,
+                },
+                fh,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

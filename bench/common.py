@@ -29,6 +29,7 @@ class Machine:
     python: str
     date_utc: str
     gpu: str = "none"
+    loadavg_1m: float = 0.0  # at the start: a busy machine (a training run beside) shows here
 
     @classmethod
     def here(cls) -> Machine:
@@ -45,7 +46,15 @@ class Machine:
             cores=os.cpu_count() or 1,
             python=platform.python_version(),
             date_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            loadavg_1m=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else 0.0,
         )
+
+
+def configure_logging() -> None:
+    """INFO from this project's packages; WARNING from the rest (onnxruntime's quantizer logs every bias)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("ctlesion_bench", "ctlesion_client", "ctlesion_export", "ctlesion_phantoms"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def percentiles(values_ms: list[float]) -> dict[str, float]:
@@ -159,3 +168,19 @@ def build_cpu_repository(
         onnx, work / "repository" / "cpu", RepoConfig(target="cpu", max_batch_size=max_batch_size)
     )
     return Artifacts(onnx=onnx, repository=repo, checkpoint=checkpoint)
+
+
+def repository_detector_onnx(repository: Path) -> Path:
+    """The ONNX file a built CPU repository's detector serves (``onnx_file`` parameter, default model.onnx)."""
+    import re
+
+    config = Path(repository) / "detector" / "config.pbtxt"
+    if not config.exists():
+        raise FileNotFoundError(
+            f"{config} not found: is {repository} a model repository built by `ctlesion build-repo`?"
+        )
+    m = re.search(r'key:\s*"onnx_file"\s*value\s*\{\s*string_value:\s*"([^"]+)"', config.read_text())
+    onnx = config.parent / "1" / (m.group(1) if m else "model.onnx")
+    if not onnx.exists():
+        raise FileNotFoundError(f"{onnx} not found (give --onnx)")
+    return onnx

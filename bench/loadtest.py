@@ -16,22 +16,27 @@ import contextlib
 import csv
 import logging
 import os
+import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ctlesion_bench.common import (
     DEFAULT_CHECKPOINT,
     REPO_ROOT,
     Machine,
     build_cpu_repository,
+    configure_logging,
     phantom_series_dir,
     write_json,
 )
-from ctlesion_bench.metrics import ServerView, diff, format_view, scrape
+from ctlesion_bench.metrics import ServerView, diff, format_view, scrape, scrape_settled, view_markdown
+
+if TYPE_CHECKING:
+    from ctlesion_client.server import TritonServer
 
 log = logging.getLogger(__name__)
 LOCUSTFILE = REPO_ROOT / "loadtest" / "locustfile.py"
@@ -45,6 +50,9 @@ class LoadtestConfig:
     slab_size: int = 16
     series_dir: Path | None = None
     out: Path = Path("work/loadtest")
+    # at the end of --run-time users finish the slab in flight (counted) instead of cancelling it,
+    # which the server would count as failed requests (reason CANCELED)
+    stop_timeout_s: int = 120
 
 
 @dataclass
@@ -70,6 +78,7 @@ class LoadtestResult:
     machine: Machine
     returncode: int
     reports: dict[str, str] = field(default_factory=dict)
+    command: str = ""
 
 
 def _f(row: dict[str, str], key: str) -> float:
@@ -103,7 +112,7 @@ def run_locust(url: str, cfg: LoadtestConfig, series_dir: Path) -> int:
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "--users", str(cfg.users), "--spawn-rate", str(cfg.spawn_rate), "--run-time", cfg.run_time,
         "--host", f"grpc://{url}", "--csv", str(cfg.out / "locust"), "--csv-full-history",
-        "--html", str(cfg.out / "locust.html"), "--only-summary",
+        "--html", str(cfg.out / "locust.html"), "--only-summary", "--stop-timeout", str(cfg.stop_timeout_s),
         "--exit-code-on-error", "0", "--loglevel", "WARNING",
     ]  # fmt: skip
     env = dict(os.environ, CTLESION_SERIES_DIR=str(series_dir), CTLESION_SLAB_SIZE=str(cfg.slab_size))
@@ -113,11 +122,50 @@ def run_locust(url: str, cfg: LoadtestConfig, series_dir: Path) -> int:
         return subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, check=False).returncode
 
 
+@dataclass
+class LocalProcess:
+    """A server given by --url that listens on this machine: its RSS is readable here (psutil)."""
+
+    pid: int
+
+    @classmethod
+    def listening_on(cls, url: str) -> LocalProcess | None:
+        try:
+            import psutil
+        except ImportError:  # the `load` extra is not installed
+            return None
+        host, _, port = url.rpartition(":")
+        if host not in ("127.0.0.1", "localhost", "0.0.0.0", "::1", "[::1]") or not port.isdigit():
+            return None
+        with contextlib.suppress(psutil.Error, OSError):
+            for conn in psutil.net_connections("tcp"):
+                if (
+                    conn.status == psutil.CONN_LISTEN
+                    and conn.laddr
+                    and conn.laddr.port == int(port)
+                    and conn.pid
+                ):
+                    return cls(conn.pid)
+        return None
+
+    def rss_bytes(self) -> int | None:
+        """RSS of the process and its children (the Python-backend stubs)."""
+        import psutil
+
+        try:
+            proc = psutil.Process(self.pid)
+            return sum(p.memory_info().rss for p in (proc, *proc.children(recursive=True)))
+        except psutil.Error:
+            return None
+
+
 @contextlib.contextmanager
-def serving(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, str | None, object | None]]:
-    """(grpc url, metrics url, TritonServer or None): the given --url, or a server started here."""
+def serving(
+    args: argparse.Namespace, work: Path
+) -> Iterator[tuple[str, str | None, TritonServer | LocalProcess | None]]:
+    """(grpc url, metrics url, process whose RSS is read): the given --url, or a server started here."""
     if args.url:
-        yield args.url, args.metrics_url, None
+        yield args.url, args.metrics_url, LocalProcess.listening_on(args.url)
         return
     from ctlesion_client.server import TritonServer
 
@@ -135,7 +183,9 @@ def markdown(res: LoadtestResult) -> str:
     lines = [
         f"# Load test: {cfg.users} users, spawn {cfg.spawn_rate}/s, {cfg.run_time}, slab {cfg.slab_size}",
         "",
-        f"{res.machine.cpu_model}, {res.machine.cores} cores, {res.machine.date_utc}; server {res.url}",
+        f"Client machine: {res.machine.cpu_model}, {res.machine.cores} cores, {res.machine.date_utc} (load average "
+        f"{res.machine.loadavg_1m:.2f} at the start); server {res.url}"
+        + (" (started here, on the same cores)" if res.rss_before_bytes is not None else ""),
         "",
         "| requests | failures | p50 ms | p95 ms | p99 ms | mean ms | req/s | slices/s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -145,34 +195,34 @@ def markdown(res: LoadtestResult) -> str:
         f"Server RSS before / after: {mib(res.rss_before_bytes)} / {mib(res.rss_after_bytes)}",
         "",
     ]
-    if res.server.reachable:
-        lines += [
-            "| model | requests | failures | avg batch | queue ms/req | compute ms/req | infer ms/exec |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        lines += [
-            f"| {v.model} | {v.requests:.0f} | {v.failures:.0f} | {v.avg_batch:.2f} | {v.queue_ms_per_request:.2f} | "
-            f"{v.compute_ms_per_request:.2f} | {v.infer_ms_per_exec:.2f} |"
-            for v in res.server.models
-        ]
-    else:
-        lines.append("Server metrics: not reachable.")
+    lines += [
+        "Server's own view (Triton metrics, before -> after the run; times in ms per request, "
+        "avg batch = inferences / executions):",
+        "",
+        *view_markdown(res.server),
+    ]
     return "\n".join(lines) + "\n"
 
 
 def run(args: argparse.Namespace) -> LoadtestResult:
     cfg = LoadtestConfig(
-        args.users, args.spawn_rate, args.run_time, args.slab_size, args.series_dir, args.out
+        args.users,
+        args.spawn_rate,
+        args.run_time,
+        args.slab_size,
+        args.series_dir,
+        args.out,
+        args.stop_timeout,
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="ctlesion-loadtest-"))
+    work = args.out  # the built repository (if any) is kept in --out/artifacts
     series = cfg.series_dir or phantom_series_dir(args.out / "data", max(cfg.slab_size * 4, 32))
     with serving(args, work) as (url, metrics_url, server):
-        rss_before = server.rss_bytes() if server is not None else None  # type: ignore[attr-defined]
+        rss_before = server.rss_bytes() if server is not None else None
         before = scrape(metrics_url) if metrics_url else {}
         rc = run_locust(url, cfg, series)
-        after = scrape(metrics_url) if metrics_url else {}
-        rss_after = server.rss_bytes() if server is not None else None  # type: ignore[attr-defined]
+        after = scrape_settled(metrics_url) if metrics_url else {}
+        rss_after = server.rss_bytes() if server is not None else None
     stats_csv = args.out / "locust_stats.csv"
     if not stats_csv.exists():
         raise RuntimeError(f"locust wrote no {stats_csv} (exit {rc}); see {args.out / 'locust.log'}")
@@ -200,19 +250,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-time", default="60s", help="locust duration, e.g. 60s, 5m")
     p.add_argument("--slab-size", type=int, default=16)
     p.add_argument("--series-dir", type=Path, help="DICOM series to send (default: a generated phantom)")
+    p.add_argument(
+        "--stop-timeout",
+        type=int,
+        default=120,
+        help="seconds users get to finish the slab in flight at the end",
+    )
     p.add_argument("--out", type=Path, default=REPO_ROOT / "work" / "loadtest")
+    p.add_argument(
+        "--results-md",
+        default="",
+        help="also record the run in this results file, e.g. bench/RESULTS.md (default: do not)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     if args.url and not args.metrics_url:
         host = args.url.rsplit(":", 1)[0]
         args.metrics_url = f"http://{host}:8002/metrics"
     res = run(args)
+    res.command = "ctlesion loadtest " + shlex.join(argv)
     write_json(args.out / "loadtest.json", res)
     (args.out / "loadtest.md").write_text(markdown(res))
+    if args.results_md:
+        from ctlesion_bench.report import replace_section
+
+        body = markdown(res).replace(
+            "# Load test:", "## Load test (latest recorded `ctlesion loadtest` run):", 1
+        )
+        replace_section(Path(args.results_md), "loadtest:cpu", f"{body}\nCommand: `{res.command}`\n")
     c = res.client
     print(f"locust: {c.requests} requests, {c.failures} failures; latency p50 {c.p50_ms:.0f} ms, p95 {c.p95_ms:.0f} ms, "
           f"p99 {c.p99_ms:.0f} ms; {c.requests_per_s:.2f} req/s = {c.slices_per_s:.1f} slices/s")  # fmt: skip

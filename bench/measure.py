@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ctlesion_bench.common import ENSEMBLE, median, percentiles
+from ctlesion_bench.metrics import diff, scrape
 
 
 @dataclass
@@ -32,6 +33,11 @@ class EnsembleRow:
     mean_ms: float
     failures: int
     requests: int
+    # the server's view of this level (Triton metrics scraped before / after it), detector step
+    detector_avg_batch: float | None = None  # slices per execution reached by the dynamic batcher
+    detector_requests_per_exec: float | None = None  # slab requests merged into one execution
+    detector_queue_ms: float | None = None
+    detector_infer_ms: float | None = None
 
 
 @dataclass
@@ -124,11 +130,18 @@ def _one_level(
 
 
 def ensemble_sweep(
-    url: str, slabs: list[list[bytes]], levels: list[int], requests_per_worker: int, repeat: int
+    url: str,
+    slabs: list[list[bytes]],
+    levels: list[int],
+    requests_per_worker: int,
+    repeat: int,
+    metrics_url: str | None = None,
+    detector_model: str = "detector",
 ) -> list[EnsembleRow]:
     rows = []
     slab_size = len(slabs[0])
     for conc in tqdm(levels, desc="ensemble gRPC", unit="level"):
+        before = scrape(metrics_url) if metrics_url else {}
         rates, lat_all, fails, total = [], [], 0, 0
         for _ in range(repeat):
             n = max(conc * requests_per_worker, conc)
@@ -139,19 +152,22 @@ def ensemble_sweep(
             total += n
         rps = median(rates)
         p = percentiles(lat_all)
-        rows.append(
-            EnsembleRow(
-                conc,
-                round(rps * slab_size, 2),
-                round(rps, 3),
-                p["p50"],
-                p["p95"],
-                p["p99"],
-                p["mean"],
-                fails,
-                total,
-            )
+        row = EnsembleRow(
+            conc,
+            round(rps * slab_size, 2),
+            round(rps, 3),
+            p["p50"],
+            p["p95"],
+            p["p99"],
+            p["mean"],
+            fails,
+            total,
         )
+        det = diff(before, scrape(metrics_url)).model(detector_model) if metrics_url else None
+        if det is not None and det.executions:
+            row.detector_avg_batch, row.detector_requests_per_exec = det.avg_batch, det.requests_per_exec
+            row.detector_queue_ms, row.detector_infer_ms = det.queue_ms, det.compute_infer_ms
+        rows.append(row)
     return rows
 
 

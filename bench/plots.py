@@ -40,6 +40,16 @@ def throughput_plot(
         ax.axhline(detector_alone, color="C2", ls="--", label="detector alone (ORT, best batch)")
     if naive:
         ax.axhline(naive, color="C3", ls=":", label="naive per-image baseline")
+    batches = [(r.concurrency, r.detector_avg_batch) for r in rows if r.detector_avg_batch]
+    if batches:  # the server's view: what the dynamic batcher reached at each level
+        ax2 = ax.twinx()
+        ax2.plot([c for c, _ in batches], [b for _, b in batches], "s:", color="C7", alpha=0.8,
+                 label="detector avg batch (right)")  # fmt: skip
+        ax2.set_ylabel("detector avg batch (slices / execution)")
+        ax2.set_ylim(bottom=0)
+        handles, labels = ax2.get_legend_handles_labels()
+    else:
+        handles, labels = [], []
     ax.set_xscale("log", base=2)
     ax.set_xticks(conc, [str(c) for c in conc])
     ax.set_xlabel("in-flight slabs (concurrency)")
@@ -47,7 +57,8 @@ def throughput_plot(
     ax.set_ylim(bottom=0)
     ax.set_title("Throughput vs concurrency")
     ax.grid(alpha=0.3)
-    ax.legend()
+    h1, l1 = ax.get_legend_handles_labels()
+    ax.legend(h1 + handles, l1 + labels, loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,14 +6,18 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ctlesion_bench.metrics import format_view, view_markdown
+
 if TYPE_CHECKING:
     from ctlesion_bench.bench import BenchResult
-
-BEGIN, END = "<!-- bench:cpu:begin -->", "<!-- bench:cpu:end -->"
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "n/a" if v is None else format(v, spec)
+
+
+def _met(value: float | None, target: float) -> str:
+    return "not measured" if value is None else ("met" if value >= target else "NOT met")
 
 
 def render_plots(res: BenchResult, out: Path) -> list[str]:
@@ -36,7 +40,8 @@ def markdown(res: BenchResult, plot_dir: str | None = None) -> str:
     lines = [
         f"Command: `{res.command}`",
         "",
-        f"Machine: {m.cpu_model}, {m.cores} cores, Python {m.python}, no GPU used; {m.date_utc}; run took {res.seconds:.0f} s.",
+        f"Machine: {m.cpu_model}, {m.cores} cores, Python {m.python}, no GPU used; {m.date_utc} (load average "
+        f"{m.loadavg_1m:.2f} at the start); run took {res.seconds:.0f} s.",
         f"Data: phantom CT series of {s.get('series_slices')} slices, slabs of {s.get('slab_size')}, model input "
         f"{s.get('input')}; every figure is the median of {s.get('repeat')} repeats.",
         "",
@@ -46,8 +51,8 @@ def markdown(res: BenchResult, plot_dir: str | None = None) -> str:
         f"| (2) Triton ensemble over gRPC | {_fmt(ens.slices_per_s if ens else None, '.1f')} | best concurrency {ens.concurrency if ens else 'n/a'} |",
         f"| (3) naive per-image baseline | {_fmt(res.naive.slices_per_s if res.naive else None, '.1f')} | pydicom + window + PyTorch + NMS, batch 1, {res.naive.torch_threads if res.naive else '-'} torch thread(s) |",
         "",
-        f"- (2)/(1) serving overhead: **{_fmt(r.serving_over_detector, '.3f')}** (target >= {r.serving_target})",
-        f"- (2)/(3) what Triton + batching buys: **{_fmt(r.serving_over_naive, '.2f')}x** (target >= {r.speedup_target}x)",
+        f"- (2)/(1) serving overhead: **{_fmt(r.serving_over_detector, '.3f')}** (target >= {r.serving_target}: {_met(r.serving_over_detector, r.serving_target)})",
+        f"- (2)/(3) what Triton + batching buys: **{_fmt(r.serving_over_naive, '.2f')}x** (target >= {r.speedup_target}x: {_met(r.serving_over_naive, r.speedup_target)})",
         f"- server RSS at the end: {_fmt(res.server_rss_end_bytes / 2**20 if res.server_rss_end_bytes else None, '.0f')} MiB",
         "",
         "Detector alone (onnxruntime CPU, default threads):",
@@ -58,24 +63,22 @@ def markdown(res: BenchResult, plot_dir: str | None = None) -> str:
         "",
         "Ensemble over gRPC (client latency per slab request):",
         "",
-        "| in-flight slabs | slices/s | req/s | p50 ms | p95 ms | p99 ms | failures / requests |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| in-flight slabs | slices/s | req/s | p50 ms | p95 ms | p99 ms | failures / requests "
+        "| detector avg batch | slabs / exec | detector queue ms | detector infer ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *[
-            f"| {e.concurrency} | {e.slices_per_s:.1f} | {e.requests_per_s:.2f} | {e.p50_ms:.0f} | {e.p95_ms:.0f} | {e.p99_ms:.0f} | {e.failures} / {e.requests} |"
+            f"| {e.concurrency} | {e.slices_per_s:.1f} | {e.requests_per_s:.2f} | {e.p50_ms:.0f} | {e.p95_ms:.0f} | {e.p99_ms:.0f} | {e.failures} / {e.requests} "
+            f"| {_fmt(e.detector_avg_batch, '.1f')} | {_fmt(e.detector_requests_per_exec)} | {_fmt(e.detector_queue_ms, '.1f')} | {_fmt(e.detector_infer_ms, '.1f')} |"
             for e in res.ensemble
         ],  # fmt: skip
     ]
     if res.server_view and res.server_view.reachable:
         lines += [
             "",
-            "Server's own view over the whole sweep (Triton Prometheus metrics; avg batch = inferences / executions):",
+            "Server's own view over the whole sweep (Triton Prometheus metrics; times in ms per request, "
+            "avg batch = inferences / executions):",
             "",
-            "| model | requests | avg batch | queue ms/req | compute ms/req | infer ms/exec |",
-            "|---|---:|---:|---:|---:|---:|",
-            *[
-                f"| {v.model} | {v.requests:.0f} | {v.avg_batch:.2f} | {v.queue_ms_per_request:.1f} | {v.compute_ms_per_request:.1f} | {v.infer_ms_per_exec:.1f} |"
-                for v in res.server_view.models
-            ],  # fmt: skip
+            *view_markdown(res.server_view),
         ]
     if res.int8:
         lines += [
@@ -109,8 +112,34 @@ GPU's name, writes gpu.json + gpu.md, and exits with a clear message (code 2) wh
 """
 
 
+def replace_section(path: Path, name: str, body: str) -> Path:
+    """Put ``body`` between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path``; the rest is kept.
+
+    A section not there yet goes before the GPU section (or at the end); a missing file is created
+    with a header and the GPU section.
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    section = f"{begin}\n{body.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    if not text:
+        text = (
+            "# Benchmark results\n\nEach figure below was written by the command shown with it, "
+            "on the machine named.\n\n" + GPU_SECTION
+        )
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    elif "\n## GPU" in text:
+        i = text.index("\n## GPU") + 1
+        text = text[:i] + section + "\n\n" + text[i:]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
 def update_results_md(path: Path, res: BenchResult) -> Path:
-    """Replace the CPU section between the markers (the rest of the file is kept).
+    """Replace the CPU section of ``ctlesion bench`` (markers ``bench:cpu``) in the results file.
 
     The plots are copied next to the results file (``results/``) so that the file and its figures
     are committed together; the run's own copies stay in --out.
@@ -121,15 +150,9 @@ def update_results_md(path: Path, res: BenchResult) -> Path:
     plots.mkdir(parents=True, exist_ok=True)
     for p in res.plots:
         shutil.copy2(p, plots / Path(p).name)
-    section = f"{BEGIN}\n## CPU (latest `ctlesion bench` run)\n\n{markdown(res, 'results/')}{END}"
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        head = "# Benchmark results\n\nEach figure below was written by the command shown with it, on the machine named.\n\n"
-        text = (text or head) + section + "\n\n" + (GPU_SECTION if "## GPU" not in text else "")
-    path.write_text(text)
-    return path
+    return replace_section(
+        path, "bench:cpu", f"## CPU (latest `ctlesion bench` run)\n\n{markdown(res, 'results/')}"
+    )
 
 
 def print_summary(res: BenchResult) -> None:
@@ -141,12 +164,16 @@ def print_summary(res: BenchResult) -> None:
         f"(2) ensemble gRPC  : {_fmt(ens.slices_per_s if ens else None, '.1f')} slices/s (concurrency {ens.concurrency if ens else '-'})"
     )
     print(f"(3) naive baseline : {_fmt(res.naive.slices_per_s if res.naive else None, '.1f')} slices/s")
-    print(f"(2)/(1) = {_fmt(r.serving_over_detector, '.3f')} (target >= {r.serving_target}); "
-          f"(2)/(3) = {_fmt(r.serving_over_naive, '.2f')}x (target >= {r.speedup_target}x)")  # fmt: skip
+    print(f"(2)/(1) serving overhead = {_fmt(r.serving_over_detector, '.3f')} (target >= {r.serving_target}: "
+          f"{_met(r.serving_over_detector, r.serving_target)}); (2)/(3) Triton + batching vs naive = "
+          f"{_fmt(r.serving_over_naive, '.2f')}x (target >= {r.speedup_target}x: {_met(r.serving_over_naive, r.speedup_target)})")  # fmt: skip
     for e in res.ensemble:
         print(
-            f"  concurrency {e.concurrency}: {e.slices_per_s:.1f} slices/s, p50 {e.p50_ms:.0f} p95 {e.p95_ms:.0f} p99 {e.p99_ms:.0f} ms, {e.failures} failures"
+            f"  concurrency {e.concurrency}: {e.slices_per_s:.1f} slices/s, p50 {e.p50_ms:.0f} p95 {e.p95_ms:.0f} p99 {e.p99_ms:.0f} ms, "
+            f"{e.failures} failures; detector avg batch {_fmt(e.detector_avg_batch, '.1f')}"
         )
+    if res.server_view is not None:
+        print(format_view(res.server_view))
     for q in res.int8:
         print(
             f"  int8 batch {q['batch']}: fp32 {q['fp32_ms']:.1f} ms, int8 {q['int8_ms']:.1f} ms, x{q['speedup']:.2f}"

@@ -28,9 +28,11 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
 
+import gevent  # noqa: E402
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
+from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
 
 MODEL = os.environ.get("CTLESION_MODEL", "lesion_detection")
 SLAB_SIZE = int(os.environ.get("CTLESION_SLAB_SIZE", "16"))
@@ -53,6 +55,18 @@ def _on_init(environment: object, **_: object) -> None:
     if not series:
         raise SystemExit("set CTLESION_SERIES_DIR to a DICOM series folder (ctlesion loadtest does)")
     _SLABS.extend(load_slabs(Path(series), SLAB_SIZE))
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment: object, **_: object) -> None:
+    """Let the CSV writer record the final numbers before locust shuts down.
+
+    Locust rewrites ``*_stats.csv`` from a greenlet every CSV_STATS_INTERVAL_SEC and closes the file
+    at shutdown without a last write, so requests finished in the final second (or while users
+    finish their slab during --stop-timeout) were missing from the CSV while the console summary
+    and the HTML report had them. test_stop fires once all users have stopped.
+    """
+    gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.25)
 
 
 class TritonSlabUser(User):

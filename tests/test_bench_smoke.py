@@ -11,7 +11,38 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.triton]
+_METRICS_BEFORE = """# TYPE nv_inference_request_success counter
+nv_inference_request_success{model="detector",version="1"} 2
+nv_inference_request_failure{model="detector",reason="BACKEND",version="1"} 0
+nv_inference_count{model="detector",version="1"} 32
+nv_inference_exec_count{model="detector",version="1"} 2
+nv_inference_queue_duration_us{model="detector",version="1"} 1000
+nv_inference_compute_infer_duration_us{model="detector",version="1"} 200000
+nv_gpu_utilization{gpu_uuid="x"} 0
+"""
+# 4 more slab requests of 16 slices merged pairwise into 2 executions of 32 rows, 100 ms each: Triton
+# charges each request its execution's whole compute time (4 x 100 ms), and one request failed.
+_METRICS_AFTER = """nv_inference_request_success{model="detector",version="1"} 6
+nv_inference_request_failure{model="detector",reason="BACKEND",version="1"} 1
+nv_inference_request_failure{model="detector",reason="REJECTED",version="1"} 0
+nv_inference_count{model="detector",version="1"} 96
+nv_inference_exec_count{model="detector",version="1"} 4
+nv_inference_queue_duration_us{model="detector",version="1"} 9000
+nv_inference_compute_infer_duration_us{model="detector",version="1"} 600000
+"""
+
+
+def test_metrics_diff_reads_batching_from_counters() -> None:
+    from ctlesion_bench.metrics import diff, format_view, parse_metrics
+
+    view = diff(parse_metrics(_METRICS_BEFORE), parse_metrics(_METRICS_AFTER))
+    det = view.model("detector")
+    assert view.reachable and det is not None
+    assert (det.requests, det.failures, det.inferences, det.executions) == (4, 1, 64, 2)
+    assert det.avg_batch == 32 and det.requests_per_exec == 2
+    assert det.queue_ms == 2.0 and det.compute_infer_ms == 100.0
+    assert "avg batch" in format_view(view)
+    assert not diff({}, {}).reachable
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +52,8 @@ def small_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return phantom_series_dir(tmp_path_factory.mktemp("bench-data"), 4)
 
 
+@pytest.mark.slow
+@pytest.mark.triton
 def test_metrics_parser_reads_triton_counters(triton: object) -> None:
     from ctlesion_bench.metrics import diff, scrape
 
@@ -29,13 +62,16 @@ def test_metrics_parser_reads_triton_counters(triton: object) -> None:
     assert diff(snap, snap).reachable
 
 
+@pytest.mark.slow
+@pytest.mark.triton
 def test_locust_headless_against_real_server(triton: object, small_series: Path, tmp_path: Path) -> None:
     from ctlesion_bench.loadtest import main
 
     out = tmp_path / "loadtest"
     rc = main(["--url", triton.grpc_url, "--metrics-url", triton.metrics_url,  # type: ignore[attr-defined]
                "--users", "1", "--spawn-rate", "1", "--run-time", "4s", "--slab-size", "4",
-               "--series-dir", str(small_series), "--out", str(out)])  # fmt: skip
+               "--series-dir", str(small_series), "--out", str(out),
+               "--results-md", str(tmp_path / "RESULTS.md")])  # fmt: skip
     with open(out / "locust_stats.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     for column in ("Request Count", "Failure Count", "50%", "95%", "99%", "Requests/s"):
@@ -45,11 +81,19 @@ def test_locust_headless_against_real_server(triton: object, small_series: Path,
     assert (out / "locust.html").stat().st_size > 0
     data = json.loads((out / "loadtest.json").read_text())
     assert data["client"]["failures"] == 0 and data["server"]["reachable"]
+    ensemble = next(m for m in data["server"]["models"] if m["model"] == "lesion_detection")
+    assert ensemble["requests"] == data["client"]["requests"]  # locust's CSV and the server agree
     detector = next(m for m in data["server"]["models"] if m["model"] == "detector")
-    assert detector["executions"] >= 1 and detector["avg_batch"] >= 1
+    assert detector["executions"] >= 1 and detector["avg_batch"] >= 1 and detector["failures"] == 0
+    assert data["rss_before_bytes"] > 0 and data["rss_after_bytes"] > 0  # --url on loopback: read via psutil
+    assert "avg batch" in (out / "loadtest.md").read_text()
+    recorded = (tmp_path / "RESULTS.md").read_text()
+    assert "<!-- loadtest:cpu:begin -->" in recorded and "ctlesion loadtest --url" in recorded
     assert rc == 0
 
 
+@pytest.mark.slow
+@pytest.mark.triton
 def test_bench_tiny_run(detector_onnx: Path, small_series: Path, tmp_path: Path) -> None:
     from ctlesion_bench.bench import main
 
@@ -62,10 +106,24 @@ def test_bench_tiny_run(detector_onnx: Path, small_series: Path, tmp_path: Path)
     data = json.loads((out / "bench.json").read_text())
     assert [d["batch"] for d in data["detector"]] == [1, 2]
     assert [e["concurrency"] for e in data["ensemble"]] == [1, 2]
-    assert all(e["failures"] == 0 for e in data["ensemble"])
+    assert all(e["failures"] == 0 and e["detector_avg_batch"] >= 1 for e in data["ensemble"])
     assert data["naive"]["slices"] == 4 and data["int8"][0]["batch"] == 1
     assert data["ratios"]["serving_over_detector"] is not None and data["server_rss_end_bytes"] > 0
     for name in ("bench.md", "latency.png", "throughput.png"):
         assert (out / name).stat().st_size > 0, name
     text = results.read_text()
     assert "ctlesion bench" in text and "No GPU figures were measured" in text
+
+
+def test_results_sections_are_replaced_in_place(tmp_path: Path) -> None:
+    from ctlesion_bench.report import replace_section
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\nintro\n\n## GPU\n\nno GPU\n")
+    replace_section(path, "loadtest:cpu", "first")
+    replace_section(path, "loadtest:cpu", "second")
+    text = path.read_text()
+    assert text.count("<!-- loadtest:cpu:begin -->") == 1 and "second" in text and "first" not in text
+    assert text.index("second") < text.index("## GPU") and text.startswith("# Benchmark results\n\nintro")
+    fresh = replace_section(tmp_path / "new" / "RESULTS.md", "bench:cpu", "body").read_text()
+    assert "body" in fresh and "No GPU figures were measured" in fresh
