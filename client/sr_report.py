@@ -234,7 +234,7 @@ def build_sr(
         imaging_measurements=[_group(f, str(first.FrameOfReferenceUID), sop_classes, algo) for f in findings],
         title=codes.DCM.ImagingMeasurementReport,
     )
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=list(source_headers),
         content=report,
         series_instance_uid=generate_uid(),
@@ -249,6 +249,19 @@ def build_sr(
         coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
             designator=PRIVATE_SCHEME, name="ctlesion private codes")],
     )
+    _copy_deidentification(sr, first)
+    return sr
+
+
+def _copy_deidentification(sr: Dataset, source: Dataset) -> None:
+    """highdicom copies PatientIdentityRemoved; DeidentificationMethod (Type 1C when it is YES) must follow."""
+    if str(sr.get("PatientIdentityRemoved", "")).upper() != "YES":
+        return
+    for keyword in ("DeidentificationMethod", "DeidentificationMethodCodeSequence"):
+        if keyword in source and keyword not in sr:
+            setattr(sr, keyword, source[keyword].value)
+    if "DeidentificationMethod" not in sr and "DeidentificationMethodCodeSequence" not in sr:
+        sr.DeidentificationMethod = "identity removed upstream (source images carry no method)"
 
 
 def _code_key(concept: object) -> tuple[str, str]:

@@ -45,6 +45,7 @@ def _template(truth: CaseTruth, identity: CaseIdentity, signed: bool, study_date
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
     ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "synthetic phantom: no patient data"  # Type 1C when identity removed
     ds.BodyPartExamined = "CHEST"
     ds.SliceThickness = g.slice_thickness
     ds.SpacingBetweenSlices = g.slice_spacing
