@@ -24,8 +24,8 @@ from preprocess_backend.letterbox import LetterboxTransform, block_mean, letterb
 from preprocess_backend.masks import BODY, LUNG, anatomy_mask
 from preprocess_backend.postprocess import (
     box_sizes_mm,
-    centres_inside,
     mean_in_boxes,
+    plausible_in_mask,
     size_filter,
     threshold_nms,
 )
@@ -271,7 +271,7 @@ def postprocess_slab(
                 if bit is None:
                     continue
                 sel = kc == cls
-                keep[sel] &= centres_inside((meta.anatomy[i] & bit) > 0, lo_boxes[sel])
+                keep[sel] &= plausible_in_mask((meta.anatomy[i] & bit) > 0, lo_boxes[sel], min_overlap=options.anatomy_min_overlap)
         if not keep.any():
             continue
         orig, ks, kc, lo_boxes = orig[keep], ks[keep], kc[keep], lo_boxes[keep]

@@ -111,6 +111,20 @@ def centres_inside(mask: np.ndarray, boxes: np.ndarray, tolerance_px: int = 1) -
     return out
 
 
+def plausible_in_mask(mask: np.ndarray, boxes: np.ndarray, tolerance_px: int = 1, min_overlap: float = 0.1) -> np.ndarray:
+    """bool [K]: the anatomical plausibility test of a box against ``mask`` (mask pixel coordinates).
+
+    A box passes when its centre is in the mask (within ``tolerance_px``) or the mask covers at
+    least ``min_overlap`` of the box. The second rule keeps juxtapleural nodules: a solid nodule
+    touching the pleura is excluded from an HU-threshold lung mask like the chest wall, so its
+    centre lies outside the lung while part of its box is lung.
+    """
+    inside = centres_inside(mask, boxes, tolerance_px)
+    if min_overlap <= 0 or boxes.shape[0] == 0:
+        return inside
+    return inside | (mean_in_boxes(mask.astype(np.float32), boxes, shrink=1.0) >= min_overlap)
+
+
 def mean_in_boxes(values: np.ndarray, boxes: np.ndarray, shrink: float = 0.5) -> np.ndarray:
     """Mean of ``values`` [h, w] over the central ``shrink`` fraction of each box (at least one pixel).
 

@@ -66,6 +66,7 @@ class Options:
     lowres_factor: int = 4  # HU / mask grid = model_size / lowres_factor, in letterboxed model space
     anatomy: str = "lung"  # default anatomical filter: "lung" | "body" | "none" (CT only)
     class_anatomy: dict[int, str] = field(default_factory=dict)  # per-class override of ``anatomy``
+    anatomy_min_overlap: float = 0.1  # a box also passes when the mask covers this fraction of it (0: centre only)
     group_series: bool = False  # True: a request may mix series (the first series is used)
     link_iou: float = 0.1  # 3D linking: min IoU of boxes on adjacent slices
     link_max_gap: int = 1  # 3D linking: slices a lesion may skip (1 = adjacent only)

@@ -126,3 +126,20 @@ def test_density_classes() -> None:
     assert classify_density(-450) == "part-solid"
     assert classify_density(20) == "solid"
     assert classify_density(math.nan) is None
+
+
+def test_plausibility_keeps_juxtapleural_boxes_and_drops_chest_wall_ones() -> None:
+    from preprocess_backend.postprocess import plausible_in_mask
+
+    lung = np.zeros((40, 40), dtype=bool)
+    lung[:, :20] = True  # lung on the left, chest wall from column 20
+    boxes = np.array(
+        [
+            [16.0, 10.0, 28.0, 22.0],  # centre at column 22 (wall), a third of the box is lung: juxtapleural
+            [26.0, 10.0, 38.0, 22.0],  # wholly in the wall
+            [2.0, 2.0, 8.0, 8.0],  # wholly in the lung
+        ]
+    )
+    assert plausible_in_mask(lung, boxes).tolist() == [True, False, True]
+    # centre-only rule (min_overlap 0) drops the juxtapleural one, as before
+    assert plausible_in_mask(lung, boxes, min_overlap=0.0).tolist() == [False, False, True]
