@@ -243,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"tritonserver ready: grpc {server.grpc_url}, http {server.http_url}, metrics {server.metrics_url}")
     print(f"log: {server.log_path}  (Ctrl-C to stop)")
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (docker stop, kill, systemd) must stop the server too, not orphan it
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         while server.process is not None and server.process.poll() is None:
             time.sleep(1)

@@ -132,3 +132,34 @@ def test_concurrent_requests_get_their_own_answers(triton: object) -> None:
         results = list(pool.map(lambda items: _infer(url, items, score_threshold=0.05), series))
     for out, uids in zip(results, expected, strict=True):
         assert {u.decode() for u in out["sop_instance_uid"]} <= uids
+
+
+def test_serve_command_stops_the_server_on_sigterm(cpu_repository) -> None:  # noqa: ANN001
+    """`ctlesion serve` under docker stop / kill gets SIGTERM: it must take tritonserver down with it."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from ctlesion_client.server import free_port
+
+    ports = [str(free_port()) for _ in range(3)]
+    cmd = [sys.executable, "-m", "ctlesion_client.cli", "serve", "--model-repository", str(cpu_repository),
+           "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if "tritonserver ready" in line:
+                break
+        else:
+            pytest.fail(f"ctlesion serve exited early with {proc.wait()}")
+        servers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "tritonserver" in c.name()]
+        assert servers, "no tritonserver child found"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        gone, alive = psutil.wait_procs(servers, timeout=30)
+        assert not alive, f"tritonserver left running: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
