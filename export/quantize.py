@@ -38,7 +38,9 @@ QUANTIZABLE_WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 @dataclass
 class QuantizeConfig:
-    method: str = "percentile"  # fast and robust here; entropy costs minutes in ORT's pure-Python search
+    # minmax: on 10 held-out phantom series (trained T, 64 calibration slices) INT8 CPM 0.581 / slice
+    # mAP 0.693 vs FP32 0.576 / 0.691; percentile 0.537 / 0.677, entropy 0.443 / 0.527
+    method: str = "minmax"
     per_channel: bool = True
     target: str = "cpu"  # "cpu": uint8 asymmetric activations; "tensorrt": int8 symmetric (zero-point 0)
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT  # regexes over node names (after pre-processing)
