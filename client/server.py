@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# Error-level lines that every CPU-only start prints (no GPU, no NVML / DCGM): not the cause of anything.
+_HARMLESS_ON_CPU = (
+    "CudaDriverHelper has not been initialized",
+    "unable to create stream",
+    "CUDA driver version is insufficient",
+    "NVML",
+    "DCGM",
+)
+
+
 class TritonStartError(RuntimeError):
     """The server exited or did not become ready; the message carries the tail of its log."""
 
@@ -81,6 +91,12 @@ class TritonServer:
     shm_growth_bytes: int = 64 * 1024 * 1024
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # gRPC over TLS (PEM files). With ``grpc_ssl_mutual`` clients must also present a certificate
+    # signed by ``grpc_root_cert``. HTTP (health / metrics) stays plain on loopback for the probes.
+    grpc_server_cert: Path | None = None
+    grpc_server_key: Path | None = None
+    grpc_root_cert: Path | None = None
+    grpc_ssl_mutual: bool = False
     process: subprocess.Popen | None = None
     _log_file: object | None = None
 
@@ -113,8 +129,33 @@ class TritonServer:
             "--log-verbose=0",
             f"--backend-config=python,shm-default-byte-size={self.shm_default_bytes}",
             f"--backend-config=python,shm-growth-byte-size={self.shm_growth_bytes}",
+            *self.tls_args(),
             *self.extra_args,
         ]
+
+    @property
+    def grpc_tls(self) -> bool:
+        return self.grpc_server_cert is not None
+
+    def tls_args(self) -> list[str]:
+        """tritonserver's --grpc-use-ssl* flags (flag names checked against `tritonserver --help`, 2.51)."""
+        if self.grpc_server_cert is None and self.grpc_server_key is None:
+            if self.grpc_ssl_mutual or self.grpc_root_cert is not None:
+                raise TritonStartError("gRPC TLS needs grpc_server_cert and grpc_server_key")
+            return []
+        for name in ("grpc_server_cert", "grpc_server_key", *(("grpc_root_cert",) if self.grpc_ssl_mutual else ())):
+            path = getattr(self, name)
+            if path is None or not Path(path).is_file():
+                # tritonserver itself only says "failed to start GRPC service" for a missing file.
+                raise TritonStartError(f"gRPC TLS: {name} {path} is not a readable file")
+        args = [
+            f"--grpc-use-ssl{'-mutual' if self.grpc_ssl_mutual else ''}=true",
+            f"--grpc-server-cert={Path(self.grpc_server_cert).resolve()}",  # type: ignore[arg-type]
+            f"--grpc-server-key={Path(self.grpc_server_key).resolve()}",  # type: ignore[arg-type]
+        ]
+        if self.grpc_root_cert is not None:
+            args.append(f"--grpc-root-cert={Path(self.grpc_root_cert).resolve()}")
+        return args
 
     def start(self, timeout_s: float = 180.0) -> TritonServer:
         if self.process is not None and self.process.poll() is None:
@@ -133,10 +174,11 @@ class TritonServer:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
         env.update(self.env)
+        command = self.command()  # raises TritonStartError on a bad TLS setup, before anything is opened
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         # A new session so that stop() can signal the server and its stub processes together.
         self.process = subprocess.Popen(
-            self.command(), stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         log.info("tritonserver pid %d, grpc %s, log %s", self.process.pid, self.grpc_url, self.log_path)
         try:
@@ -152,6 +194,22 @@ class TritonServer:
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
+    def failure_summary(self) -> str:
+        """The server's own error lines (a model that failed to load, a port in use), one line each.
+
+        Triton writes errors as ``E<date> ...`` lines and ends a failed start with ``error: ...``; the
+        summary puts them first so that the cause is not lost among hundreds of start-up lines.
+        """
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        errors = [
+            " ".join(line.split())[:300]
+            for line in self.log_path.read_text(errors="replace").splitlines()
+            if ((line[:1] == "E" and line[1:5].isdigit()) or line.startswith("error:") or "failed to load" in line)
+            and not any(noise in line for noise in _HARMLESS_ON_CPU)
+        ]
+        return (": " + " | ".join(dict.fromkeys(errors[:6]))) if errors else ""
+
     def is_ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
@@ -164,13 +222,17 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise TritonStartError(
-                    f"tritonserver exited with code {self.process.returncode} before it was ready; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
+                    f"tritonserver exited with code {self.process.returncode} before it was ready"
+                    f"{self.failure_summary()}; log {self.log_path}:\n{self.log_tail()}"
                 )
             if self.is_ready():
                 return
             time.sleep(0.25)
-        raise TritonStartError(f"tritonserver not ready after {timeout_s:.0f} s; log {self.log_path}:\n{self.log_tail()}")
+        # Still running but not ready (a model stuck loading): say what it reported so far, not just "timeout".
+        raise TritonStartError(
+            f"tritonserver not ready after {timeout_s:.0f} s{self.failure_summary()}; "
+            f"log {self.log_path}:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout_s: float = 20.0) -> None:
         proc = self.process
@@ -231,10 +293,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--log", type=Path, default=None, help="server log file (default: a temp folder)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    parser.add_argument("--grpc-server-cert", type=Path, default=None, help="PEM certificate: serve gRPC over TLS")
+    parser.add_argument("--grpc-server-key", type=Path, default=None, help="PEM private key of --grpc-server-cert")
+    parser.add_argument("--grpc-root-cert", type=Path, default=None, help="PEM CA that client certificates must chain to")
+    parser.add_argument("--grpc-ssl-mutual", action="store_true", help="require client certificates (mutual TLS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = TritonServer(
-        args.model_repository, args.http_port, args.grpc_port, args.metrics_port, log_path=args.log
+        args.model_repository,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        log_path=args.log,
+        grpc_server_cert=args.grpc_server_cert,
+        grpc_server_key=args.grpc_server_key,
+        grpc_root_cert=args.grpc_root_cert,
+        grpc_ssl_mutual=args.grpc_ssl_mutual,
     )
     try:
         server.start(args.timeout)

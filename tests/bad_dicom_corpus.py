@@ -1,0 +1,524 @@
+"""A corpus of malformed and hostile DICOM requests, built in code (no committed binaries).
+
+Each ``BadCase`` is one *request*: a list of Part-10 byte items (what a client puts in the
+``dicom`` tensor) and the substring the refusal reason must contain. ``source`` is what the
+message must name: the SOPInstanceUID the case was built with, ``item N`` for bytes that cannot
+be parsed far enough to carry a UID, or ``request`` for whole-request refusals.
+
+Cases that need tighter ``Limits`` than the defaults (so that they stay small on the wire) carry
+them in ``limits``; the Triton test serves them from a repository configured with exactly those
+limits (``limit_*`` parameters of the ``preprocess`` model).
+
+Used by tests/test_reliability_bad_input.py and scripts/make_bad_corpus.py. Importable as a plain
+module from tests/ (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pydicom
+from dicom_factory import make_slice, series_bytes
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from preprocess_backend.types import Limits
+
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+UID_ROOT = "1.2.826.0.1.3680043.8.498.77"  # fixed UIDs: a failing case is easy to find again
+
+# Small limits for the cases that probe them: the request stays a few MB on the wire while the
+# refusal path is exactly the one a 2 GB request would take (checked on headers, before decoding).
+SMALL_LIMITS = Limits(
+    max_request_bytes=4 * 1024 * 1024, max_slices=64, max_pixels_per_slice=1024 * 1024, max_frames=16
+)
+
+
+@dataclass
+class BadCase:
+    name: str
+    items: list[bytes]
+    expect: str  # substring of the refusal reason
+    source: str  # the file / item / request the message must name
+    description: str = ""
+    limits: Limits | None = None  # None: the default Limits
+    tags: list[str] = field(default_factory=list)
+
+
+def uid(n: int) -> str:
+    return f"{UID_ROOT}.{n}"
+
+
+def _hu(size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-1000, 400, (size, size)).astype(np.float32)
+
+
+def good_item(n: int, size: int = 32, **kwargs: object) -> bytes:
+    return make_slice(_hu(size, n), sop_uid=uid(n), **kwargs)  # type: ignore[arg-type]
+
+
+def _mutate(item: bytes, edit: Callable[[Dataset], None], *, keep_meta: bool = True) -> bytes:
+    """Read a valid item, edit its dataset, write it back as Part-10 (pydicom does not validate values)."""
+    ds = pydicom.dcmread(io.BytesIO(item))
+    edit(ds)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=keep_meta)
+    return buf.getvalue()
+
+
+def _with_transfer_syntax(n: int, syntax: str, pixel_data: bytes, encapsulated: bool = True) -> bytes:
+    """A CT slice whose meta says ``syntax`` while PixelData holds ``pixel_data`` (garbage)."""
+    ds = pydicom.dcmread(io.BytesIO(good_item(n)))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([pixel_data]) if encapsulated else pixel_data
+    # Encapsulated pixel data must be written with undefined length; pydicom does so when it is told
+    # the data is compressed. The dataset body stays explicit VR little endian (true of every syntax here).
+    ds["PixelData"].is_undefined_length = encapsulated
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _raw_element(tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
+    """One explicit-VR little-endian element, written by hand (pydicom would refuse some of these)."""
+    head = struct.pack("<HH", *tag) + vr
+    if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+        return head + b"\0\0" + struct.pack("<I", len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
+def _splice_before_pixels(item: bytes, extra: bytes) -> bytes:
+    """Insert raw element bytes just before the PixelData element (tags stay ascending if extra < 7FE0)."""
+    at = item.rfind(b"\xe0\x7f\x10\x00")
+    assert at > 0, "no PixelData tag"
+    return item[:at] + extra + item[at:]
+
+
+def _not_part10_dataset() -> bytes:
+    """A raw dataset without preamble / meta (what some PACS exports write)."""
+    item = good_item(90)
+    # Drop preamble, 'DICM' and the (0002,xxxx) meta group: keep from the first (0008,xxxx) element.
+    return item[item.index(b"\x08\x00", 132) :]
+
+
+def _deflate_garbage(n: int) -> bytes:
+    """A real deflated file (meta says Deflated) whose body is then replaced by non-deflate bytes."""
+    item = _mutate(
+        good_item(n), lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", DeflatedExplicitVRLittleEndian)
+    )
+    # (0002,0000) FileMetaInformationGroupLength is the first element after 'DICM': 4 tag, 2 VR, 2 len, 4 value.
+    (meta_len,) = struct.unpack("<I", item[140:144])
+    body = 144 + meta_len
+    return item[:body] + bytes(range(7, 250)) * 4
+
+
+def _sr_document() -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
+    meta.MediaStorageSOPInstanceUID = uid(40)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = BASIC_TEXT_SR
+    ds.SOPInstanceUID = uid(40)
+    ds.Modality = "SR"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.ValueType = "CONTAINER"
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _multi_frame(n: int, frames: int, rows: int, cols: int, pixel_bytes: int = 64) -> bytes:
+    """Header claims ``frames`` x ``rows`` x ``cols`` while PixelData is tiny (a memory bomb header)."""
+
+    def edit(ds: Dataset) -> None:
+        ds.Rows, ds.Columns = rows, cols
+        ds.NumberOfFrames = frames
+        ds.PixelData = b"\0" * pixel_bytes
+
+    return _mutate(good_item(n), edit)
+
+
+def _set(**values: object) -> Callable[[Dataset], None]:
+    def edit(ds: Dataset) -> None:
+        for key, value in values.items():
+            setattr(ds, key, value)
+
+    return edit
+
+
+def _delete(*names: str) -> Callable[[Dataset], None]:
+    def edit(ds: Dataset) -> None:
+        for name in names:
+            delattr(ds, name)
+
+    return edit
+
+
+def _series(n0: int, z: int = 3, size: int = 32, **kwargs: object) -> list[bytes]:
+    vol = np.stack([_hu(size, n0 + i) for i in range(z)])
+    items = series_bytes(vol, **kwargs)  # type: ignore[arg-type]
+    # Give every slice a fixed SOPInstanceUID so a message can be matched to it.
+    return [_mutate(it, _set(SOPInstanceUID=uid(n0 + i))) for i, it in enumerate(items)]
+
+
+def build_cases() -> list[BadCase]:
+    """Every case, freshly built (about 1 s; items are 32 x 32 unless the case needs otherwise)."""
+    good = good_item(1)
+    cases: list[BadCase] = []
+
+    def add(name: str, items: list[bytes], expect: str, source: str, description: str, **kw: object) -> None:
+        cases.append(BadCase(name, items, expect, source, description, **kw))  # type: ignore[arg-type]
+
+    # --- not DICOM at all -----------------------------------------------------------------------
+    add("zero_byte_item", [b""], "not a DICOM Part-10 file", "item 0", "an empty element in the dicom tensor")
+    add(
+        "text_not_dicom",
+        [b"hello, this is not an image\n" * 10],
+        "not a DICOM Part-10 file",
+        "item 0",
+        "plain text",
+    )
+    add(
+        "path_not_opened",
+        [b"/etc/passwd"],
+        "not a DICOM Part-10 file",
+        "item 0",
+        "a path string: the server must never open files named by the client",
+    )
+    add(
+        "png_not_dicom",
+        [b"\x89PNG\r\n\x1a\n" + b"\0" * 200],
+        "not a DICOM Part-10 file",
+        "item 0",
+        "a PNG header",
+    )
+    add(
+        "raw_dataset_no_preamble",
+        [_not_part10_dataset()],
+        "not a DICOM Part-10 file",
+        "item 0",
+        "a dataset without the 128-byte preamble and 'DICM'",
+    )
+    add(
+        "preamble_only", [b"\0" * 128 + b"DICM"], "no PixelData", "item 0", "preamble and magic, nothing else"
+    )
+    # --- truncated ------------------------------------------------------------------------------
+    add("truncated_in_meta", [good[:200]], "no PixelData", "item 0", "cut inside the file meta group")
+    add(
+        "truncated_in_dataset",
+        [good[:600]],
+        "no PixelData",
+        uid(1),
+        "cut inside the dataset, before PixelData",
+    )
+    add(
+        "truncated_in_pixels",
+        [good[: len(good) - 700]],
+        "truncated PixelData",
+        uid(1),
+        "cut inside PixelData: its declared length runs past the end of the file",
+    )
+    add(
+        "truncated_second_item",
+        [good_item(2), good_item(3)[:-100]],
+        "truncated PixelData",
+        uid(3),
+        "a good first slice, the second cut short: the message names the second",
+    )
+    # --- header lies about the pixels -----------------------------------------------------------
+    add("missing_pixel_data", [_mutate(good, _delete("PixelData"))], "no PixelData", uid(1), "header only")
+    add(
+        "pixel_data_short",
+        [_mutate(good_item(4), _set(PixelData=b"\0" * 100))],
+        "truncated PixelData",
+        uid(4),
+        "32 x 32 x 2 bytes claimed, 100 bytes present",
+    )
+    add(
+        "pixel_data_empty",
+        [_mutate(good_item(5), _set(PixelData=b""))],
+        "cannot read pixel data",
+        uid(5),
+        "PixelData present with length 0",
+    )
+    add("rows_zero", [_mutate(good_item(6), _set(Rows=0))], "bad image size", uid(6), "Rows = 0")
+    add(
+        "columns_missing", [_mutate(good_item(7), _delete("Columns"))], "bad image size", uid(7), "no Columns"
+    )
+    add(
+        "frames_zero",
+        [_mutate(good_item(8), _set(NumberOfFrames=0))],
+        "bad NumberOfFrames",
+        uid(8),
+        "NumberOfFrames = 0",
+    )
+    add(
+        "bits_allocated_12",
+        [_mutate(good_item(9), _set(BitsAllocated=12))],
+        "unsupported BitsAllocated",
+        uid(9),
+        "BitsAllocated 12 (only 1, 8, 16, 32 exist)",
+    )
+    add(
+        "bits_allocated_zero",
+        [_mutate(good_item(10), _set(BitsAllocated=0))],
+        "unsupported BitsAllocated",
+        uid(10),
+        "BitsAllocated 0",
+    )
+    add(
+        "samples_per_pixel_2",
+        [_mutate(good_item(11), _set(SamplesPerPixel=2))],
+        "unsupported SamplesPerPixel",
+        uid(11),
+        "SamplesPerPixel 2",
+    )
+    add(
+        "rgb_grey_sized_pixels",
+        [
+            _mutate(
+                good_item(12),
+                _set(
+                    SamplesPerPixel=3,
+                    PhotometricInterpretation="RGB",
+                    BitsAllocated=8,
+                    BitsStored=8,
+                    HighBit=7,
+                    PlanarConfiguration=0,
+                    PixelData=b"\0" * (32 * 32),
+                ),
+            )
+        ],
+        "cannot decode pixel data",
+        uid(12),
+        "RGB where grey is expected, pixel data sized for one grey channel",
+    )
+    add(
+        "float_pixel_data",
+        [
+            _mutate(
+                good_item(13),
+                lambda ds: (delattr(ds, "PixelData"), setattr(ds, "FloatPixelData", b"\0" * 4096)),
+            )
+        ],
+        "FloatPixelData is not supported",
+        uid(13),
+        "parametric-map style float pixels",
+    )
+    # --- wrong VRs (values that do not parse as their VR says) ----------------------------------
+    rows_text = _raw_element((0x0028, 0x0010), b"LO", b"many")
+    wrong_rows = _mutate(good_item(14), _delete("Rows"))
+    add(
+        "rows_wrong_vr_text",
+        [_splice_before_pixels(wrong_rows, rows_text)],
+        "bad image size",
+        uid(14),
+        "Rows written as LO 'many' instead of US",
+    )
+    bits_text = _raw_element((0x0028, 0x0100), b"DS", b"sixteen ")
+    wrong_bits = _mutate(good_item(15), _delete("BitsAllocated"))
+    add(
+        "bits_wrong_vr_text",
+        [_splice_before_pixels(wrong_bits, bits_text)],
+        "unsupported BitsAllocated",
+        uid(15),
+        "BitsAllocated written as DS 'sixteen'",
+    )
+    add(
+        "element_length_overflow",
+        [
+            good_item(16)[: -(32 * 32 * 2 + 12)]
+            + struct.pack("<HH", 0x7FE0, 0x0010)
+            + b"OW\0\0"
+            + struct.pack("<I", 0x7FFFFFF0)
+            + b"\0" * 64
+        ],
+        "truncated PixelData",
+        uid(16),
+        "PixelData length field claims 2 GB, 64 bytes follow",
+    )
+    # --- headers that claim gigabytes (refused before any allocation) ---------------------------
+    add(
+        "huge_rows_columns",
+        [_multi_frame(20, 1, 65535, 65535)],
+        "pixels per slice",
+        uid(20),
+        "65535 x 65535 = 4.3 G pixels claimed",
+    )
+    add(
+        "huge_number_of_frames",
+        [_multi_frame(21, 1_000_000, 32, 32)],
+        "frames, limit",
+        uid(21),
+        "a million frames claimed",
+    )
+    add(
+        "gigabytes_decoded",
+        [_multi_frame(22, 2000, 8192, 8192)],
+        "would decode to",
+        uid(22),
+        "2000 frames of 8192 x 8192: 268 GB decoded",
+    )
+    # --- compressed frames that are not what their transfer syntax says -------------------------
+    garbage = bytes(range(256)) * 4
+    add(
+        "jpeg_baseline_garbage",
+        [_with_transfer_syntax(23, JPEGBaseline8Bit, garbage)],
+        "cannot decode pixel data",
+        uid(23),
+        "JPEG Baseline syntax, fragment is not a JPEG stream",
+    )
+    add(
+        "jpeg2000_garbage",
+        [_with_transfer_syntax(24, JPEG2000Lossless, garbage)],
+        "cannot decode pixel data",
+        uid(24),
+        "JPEG 2000 syntax, fragment is not a J2K codestream",
+    )
+    add(
+        "jpegls_garbage",
+        [_with_transfer_syntax(25, JPEGLSLossless, garbage)],
+        "cannot decode pixel data",
+        uid(25),
+        "JPEG-LS syntax, garbage fragment",
+    )
+    add(
+        "rle_garbage",
+        [_with_transfer_syntax(26, RLELossless, b"\x05\0\0\0" + garbage[:60])],
+        "cannot decode pixel data",
+        uid(26),
+        "RLE syntax, header claims 5 segments that are not there",
+    )
+    # RLE's UID pads to the same 20 bytes as explicit VR little endian's: patch the meta in place, so the
+    # native (not encapsulated) pixels stay as written while the file claims RLE.
+    native = good_item(27)
+    add(
+        "rle_syntax_native_pixels",
+        [native.replace(b"1.2.840.10008.1.2.1\0", RLELossless.encode() + b"\0", 1)],
+        "cannot decode pixel data",
+        uid(27),
+        "RLE syntax but PixelData is native (not encapsulated)",
+    )
+    add(
+        "unknown_transfer_syntax",
+        [_mutate(good_item(28), lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", "1.2.3.4.5.6"))],
+        "unsupported transfer syntax",
+        uid(28),
+        "a transfer syntax UID nobody defines",
+    )
+    add(
+        "deflate_garbage",
+        [_deflate_garbage(29)],
+        "unreadable DICOM",
+        "item 0",
+        "Deflated syntax, but the body after the meta group is not a deflate stream",
+    )
+    # --- not an image / wrong request shape -----------------------------------------------------
+    add("sr_document", [_sr_document()], "non-image SOP class", uid(40), "a Basic Text SR sent as an image")
+    mixed = [good_item(41, series_uid=uid(1041)), good_item(42, series_uid=uid(1042))]
+    add("mixed_series", mixed, "mixed series in one request", uid(41), "two series in one request")
+    same_uid = uid(1050)
+    sizes = _series(50, z=2, series_uid=same_uid) + _series(52, z=1, size=64, series_uid=same_uid, z0=10.0)
+    add(
+        "different_slice_sizes", sizes, "different sizes", uid(50), "32 x 32 and 64 x 64 slices in one series"
+    )
+    no_geometry = [_mutate(it, _delete("ImagePositionPatient")) for it in _series(60, z=3)]
+    add(
+        "series_without_positions",
+        no_geometry,
+        "missing ImagePositionPatient",
+        uid(60),
+        "3 slices, none with a position",
+    )
+    add("empty_request", [], "no DICOM items", "request", "a dicom tensor with zero elements")
+    # --- limits (small limits keep the request small; the same checks guard the defaults) -------
+    add(
+        "too_many_slices",
+        [b"x"] * 65,
+        "items, limit 64 slices",
+        "request",
+        "65 items against max_slices 64",
+        limits=SMALL_LIMITS,
+    )
+    add(
+        "too_many_bytes",
+        [b"\0" * (2 * 1024 * 1024 + 1)] * 2,
+        "bytes, limit",
+        "request",
+        "4 MB + 2 bytes against max_request_bytes 4 MB",
+        limits=SMALL_LIMITS,
+    )
+    add(
+        "item_too_many_frames",
+        [_multi_frame(70, 17, 32, 32, pixel_bytes=17 * 32 * 32 * 2)],
+        "frames, limit 16",
+        uid(70),
+        "17 frames against max_frames 16",
+        limits=SMALL_LIMITS,
+    )
+    add(
+        "slice_too_many_pixels",
+        [good_item(71, size=1025)],
+        "pixels per slice",
+        uid(71),
+        "1025 x 1025 against max_pixels_per_slice 1024 x 1024",
+        limits=SMALL_LIMITS,
+    )
+    return cases
+
+
+def good_series(z: int = 4, size: int = 128, seed: int = 7) -> list[bytes]:
+    """A valid CT series (the request that must keep its answer while bad ones arrive)."""
+    from dicom_factory import Nodule, chest_phantom, phantom_series
+
+    phantom = chest_phantom(
+        z=z, size=size, seed=seed, nodules=[Nodule((z / 2, size * 0.4, size * 0.3), size / 16)]
+    )
+    return phantom_series(phantom, shuffle_seed=seed)
+
+
+@dataclass
+class ToleratedCase:
+    """Odd but valid input: served, and its answer must equal the answer to ``reference``."""
+
+    name: str
+    items: list[bytes]
+    reference: list[bytes]
+    description: str = ""
+
+
+def tolerated_cases(series: list[bytes] | None = None) -> list[ToleratedCase]:
+    """Duplicates and odd order: nothing refused, no slice lost or counted twice.
+
+    The pipeline drops a repeated SOPInstanceUID (``SeriesReport.repeated_instances``) and orders by
+    position, so each of these must answer exactly like the clean series.
+    """
+    good = series if series is not None else good_series()
+    return [
+        ToleratedCase("duplicate_slice", [*good, good[1]], good, "one slice sent twice in the same request"),
+        ToleratedCase("every_slice_twice", good + good, good, "the whole series repeated in one request"),
+        ToleratedCase("reversed_order", good[::-1], good, "slices in reverse order (order is by position)"),
+    ]
+
+
+if __name__ == "__main__":  # a quick listing
+    for case in build_cases():
+        print(f"{case.name:28s} {len(case.items):3d} items  expect {case.expect!r}")
+    for tolerated in tolerated_cases():
+        print(f"{tolerated.name:28s} {len(tolerated.items):3d} items  tolerated")
