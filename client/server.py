@@ -310,25 +310,26 @@ def main(argv: list[str] | None = None) -> int:
         grpc_root_cert=args.grpc_root_cert,
         grpc_ssl_mutual=args.grpc_ssl_mutual,
     )
-    try:
-        server.start(args.timeout)
-    except TritonStartError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"tritonserver ready: grpc {server.grpc_url}, http {server.http_url}, metrics {server.metrics_url}")
-    print(f"log: {server.log_path}  (Ctrl-C to stop)")
 
     def _terminate(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM (docker stop, kill, systemd) must stop the server too, not orphan it
 
+    # Installed before start and one try around everything: a signal at any point stops the server.
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        try:
+            server.start(args.timeout)
+        except TritonStartError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"tritonserver ready: grpc {server.grpc_url}, http {server.http_url}, metrics {server.metrics_url}")
+        print(f"log: {server.log_path}  (Ctrl-C to stop)", flush=True)
         while server.process is not None and server.process.poll() is None:
             time.sleep(1)
         print(f"tritonserver exited with code {server.process.returncode if server.process else '?'}")
         return 1
     except KeyboardInterrupt:
-        print("stopping tritonserver")
+        print("stopping tritonserver", flush=True)
         return 0
     finally:
         server.stop()

@@ -118,12 +118,14 @@ def test_tolerated_cases_preprocess_like_the_clean_series() -> None:
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("case", tolerated_cases(), ids=lambda c: c.name)
+@pytest.mark.parametrize("name", [c.name for c in tolerated_cases()])
 def test_tolerated_case_gets_the_clean_answer(
-    triton: object, case: ToleratedCase, good: list[bytes], good_answer: dict[str, np.ndarray]
+    triton: object, name: str, good: list[bytes], good_answer: dict[str, np.ndarray]
 ) -> None:
     """No slice lost or counted twice: a repeated slice must not add detections or shift indices."""
-    assert case.reference == good  # good_answer is the reference's answer
+    # Built from the module's good series (its UIDs are random), whose answer good_answer is.
+    case: ToleratedCase = {c.name: c for c in tolerated_cases(good)}[name]
+    assert case.reference is good
     same_answer(infer(triton.grpc_url, case.items), good_answer)  # type: ignore[attr-defined]
 
 
