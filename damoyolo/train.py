@@ -207,6 +207,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _plain(value: object) -> object:
+    """JSON for what json does not know: numpy scalars as numbers, paths and the rest as text."""
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
 def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) a training; returns the summary written to OUT/summary.json."""
     out = Path(cfg.out_dir)
@@ -247,13 +252,15 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
     rng = np.random.default_rng(cfg.seed)
     last = out / "last.pt"
     if resume and last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=False)  # our own file: carries RNG state
+        # Tensors and plain containers only: a last.pt from elsewhere cannot run code when loaded.
+        state = torch.load(last, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         ema.ema.load_state_dict(state["ema"])
-        ema.updates = state["ema_updates"]
         opt.load_state_dict(state["optimizer"])
-        step, start_epoch, best, history = state["step"], state["epoch"], state["best"], state["history"]
-        rng.bit_generator.state = state["rng"]
+        progress = json.loads(state["progress_json"])
+        ema.updates = progress["ema_updates"]
+        step, start_epoch, best, history = progress["step"], progress["epoch"], progress["best"], progress["history"]
+        rng.bit_generator.state = progress["rng"]
         print(f"resumed from {last} at epoch {start_epoch}, step {step}", flush=True)
 
     aug = AugmentConfig()
@@ -292,10 +299,12 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
         if score > best or score < 0 or not (out / "best.pt").exists():
             best = score
             torch.save(release_state(ema.ema, cfg, epoch + 1, metrics), out / "best.pt")
+        # Counters, history and RNG state as JSON (the RNG's 128-bit integers survive JSON exactly).
+        progress = {"ema_updates": ema.updates, "step": step, "epoch": epoch + 1, "best": best,
+                    "history": history, "rng": rng.bit_generator.state, "config": asdict(cfg)}
         torch.save(
-            {"model": model.state_dict(), "ema": ema.ema.state_dict(), "ema_updates": ema.updates,
-             "optimizer": opt.state_dict(), "step": step, "epoch": epoch + 1, "best": best,
-             "history": history, "rng": rng.bit_generator.state, "config": asdict(cfg)},
+            {"model": model.state_dict(), "ema": ema.ema.state_dict(), "optimizer": opt.state_dict(),
+             "progress_json": json.dumps(progress, default=_plain)},
             out / "last.pt.tmp",
         )
         os.replace(out / "last.pt.tmp", last)

@@ -29,7 +29,7 @@ COPY bench bench
 RUN pip install ".[${EXTRAS}]"
 
 FROM ${PYTHON_IMAGE} AS runtime
-ARG UID=1000
+ARG UID=10001
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:${PATH} VIRTUAL_ENV=/opt/venv HOME=/tmp PYTHONDONTWRITEBYTECODE=1
 RUN useradd --uid "${UID}" --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin ctlesion

@@ -31,7 +31,7 @@ RUN python -m pip install -e ".[train]" \
 
 # Stage 2: runtime (no torch, no compilers).
 FROM ${PYTHON_IMAGE} AS runtime
-ARG UID=1000
+ARG UID=10001
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 # The Python-backend stub embeds the interpreter found first on PATH: the venv's.

@@ -19,13 +19,14 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ctlesion_export.onnx_export import OnnxModelInfo, inspect_onnx
+from preprocess_backend.types import Limits
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class RepoConfig:
     max_size_mm: float = 30.0
     max_detections: int = 100
     trt_precision: str = "fp16"  # gpu-onnx with TensorRT EP: fp16 | int8 | none
-    extra: dict[str, str] = field(default_factory=dict)
+    # request refusal thresholds, written as the preprocess model's limit_* parameters
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ def preprocess_config(info: OnnxModelInfo, cfg: RepoConfig) -> mc.ModelConfig:
     _add_io(config.output, [TensorSpec("images", "uint8", (-1, info.channels, info.height, info.width)), *slab_meta_specs()])
     _instance(config, cfg.preprocess_instances, gpu=False)
     _params(config, {"model_size": info.height, "context_slices": info.channels, "window": cfg.window})
+    # Every limit is written, defaults included, so the deployed config shows what is enforced.
+    _params(config, {f"limit_{key}": value for key, value in asdict(cfg.limits).items()})
     return config
 
 
@@ -305,6 +309,31 @@ def fingerprint(paths: list[Path], cfg: RepoConfig) -> str:
     return digest.hexdigest()
 
 
+_SIZE_UNITS = {"k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def parse_count(text: str) -> int:
+    """A positive integer, optionally with a unit: 4096, 512MiB, 2GiB, 64k, 8192x8192."""
+    raw = text.strip().lower().removesuffix("b")
+    if "x" in raw:  # rows x columns for pixel limits
+        parts = [parse_count(part) for part in raw.split("x")]
+        value = 1
+        for part in parts:
+            value *= part
+        return value
+    for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+        if raw.endswith(unit) and raw[: -len(unit)].strip().isdigit():
+            value = int(raw[: -len(unit)]) * _SIZE_UNITS[unit]
+            break
+    else:
+        if not raw.isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 2048, 512MiB, 8192x8192)")
+        value = int(raw)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctlesion build-repo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", choices=TARGETS, default="cpu")
@@ -323,6 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--nms-iou", type=float, default=0.2)
     parser.add_argument("--if-stale", action="store_true", help="skip when inputs and settings are unchanged")
+    limits = parser.add_argument_group(
+        "request limits",
+        "a request over a limit is refused with INVALID_ARGUMENT before any pixel is decoded; "
+        "N takes units and products: 512MiB, 2GiB, 4096x4096",
+    )
+    for spec in fields(Limits):
+        limits.add_argument(
+            f"--limit-{spec.name.replace('_', '-')}", dest=f"limit_{spec.name}", type=parse_count,
+            default=getattr(Limits(), spec.name), metavar="N", help="default %(default)s",
+        )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg = RepoConfig(
@@ -337,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         window=args.window,
         score_threshold=args.score_threshold,
         nms_iou=args.nms_iou,
+        limits=Limits(**{spec.name: getattr(args, f"limit_{spec.name}") for spec in fields(Limits)}),
     )
     try:
         onnx_path = args.onnx

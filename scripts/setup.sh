@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh Debian machine; idempotent (finished steps are skipped).
-#   system packages -> .venv with the pinned dependencies -> tritonserver stub -> model repository
+#   system packages -> .venv with the pinned dependencies -> .venv-tools (checkov) -> tritonserver stub
+#   -> model repository
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -42,6 +43,21 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[train,serve,load,dev]"
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+
+# 2b. Separate virtual environment .venv-tools for the security scanner (checkov), whose pins clash with
+#     pyproject.toml's; versions in requirements-tools.txt (tests/test_deployment_security_scan.py).
+if [ ! -x .venv-tools/bin/python ]; then
+  step "virtual environment .venv-tools ($PY)"
+  "$PY" -m venv .venv-tools
+fi
+tools_stamp=.venv-tools/.installed-$(sha256sum requirements-tools.txt | cut -c1-16)
+if [ ! -f "$tools_stamp" ]; then
+  step "pip install -r requirements-tools.txt into .venv-tools"
+  .venv-tools/bin/python -m pip install -q --upgrade pip
+  .venv-tools/bin/python -m pip install -q -r requirements-tools.txt
+  rm -f .venv-tools/.installed-*
+  touch "$tools_stamp"
 fi
 
 # 3. tritonserver's Python-backend stub for this interpreter.

@@ -16,10 +16,13 @@ from ctlesion_export.build_repo import (
     ENSEMBLE,
     RepoConfig,
     build_repository,
+    main,
+    parse_count,
     serving_onnx_with_uint8_input,
 )
 from ctlesion_export.onnx_export import export_onnx, inspect_onnx
 from preprocess_backend.pipeline import FINDING_TENSORS, SLAB_META_TENSORS
+from preprocess_backend.types import Limits
 
 
 def _export(tmp: Path, size: int, channels: int = 3, name: str = "det.onnx") -> Path:
@@ -120,3 +123,49 @@ def test_uint8_wrapper_is_standalone(small_onnx: Path, tmp_path: Path) -> None:
     session = ort.InferenceSession(str(dst))
     assert session.get_inputs()[0].type == "tensor(uint8)"
     assert [o.name for o in session.get_outputs()] == ["scores", "boxes"]
+
+
+def _limits_in(config: mc.ModelConfig) -> Limits:
+    """Read back the way model_repository/preprocess/1/model.py reads them."""
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    return Limits.from_dict({k[len("limit_") :]: int(v) for k, v in params.items() if k.startswith("limit_")})
+
+
+def test_limits_are_written_for_the_preprocess_model(small_onnx: Path, tmp_path: Path) -> None:
+    default = build_repository(small_onnx, tmp_path / "d", RepoConfig())
+    assert _limits_in(_load(default / "preprocess" / "config.pbtxt")) == Limits()  # defaults spelled out
+    small = Limits(max_request_bytes=4 << 20, max_slices=64, max_pixels_per_slice=1024 * 1024, max_frames=16)
+    out = build_repository(small_onnx, tmp_path / "s", RepoConfig(limits=small))
+    assert _limits_in(_load(out / "preprocess" / "config.pbtxt")) == small
+
+
+def test_build_repo_cli_takes_limits_with_units(small_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    argv = ["--onnx", str(small_onnx), "--out", str(out), "--limit-max-slices", "256",
+            "--limit-max-request-bytes", "64MiB", "--limit-max-pixels-per-slice", "2048x2048"]
+    assert main(argv) == 0
+    limits = _limits_in(_load(out / "preprocess" / "config.pbtxt"))
+    assert (limits.max_slices, limits.max_request_bytes, limits.max_pixels_per_slice) == (256, 64 << 20, 2048 * 2048)
+    assert limits.max_frames == Limits().max_frames
+    # a changed limit makes --if-stale rebuild; the same one does not
+    assert main([*argv, "--if-stale"]) == 0
+    stamp = (out / ".fingerprint").read_text()
+    assert main([*argv[:-1], "4096x4096", "--if-stale"]) == 0
+    assert (out / ".fingerprint").read_text() != stamp
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("2048", 2048), ("64k", 64_000), ("512MiB", 512 << 20), ("1GiB", 1 << 30), ("2gb", 2_000_000_000),
+     ("8192x8192", 8192 * 8192)],
+)
+def test_parse_count(text: str, value: int) -> None:
+    assert parse_count(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "-5", "0", "lots", "1.5GiB", "12 slices"])
+def test_parse_count_refuses(text: str) -> None:
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_count(text)

@@ -141,6 +141,36 @@ def test_async_client_gives_the_same_result(triton: object, sub_series: Path) ->
     _assert_same(result.detections, sync.detections)
 
 
+def test_duplicate_slices_are_reported_and_change_no_finding(triton: object, sub_series: Path, tmp_path: Path) -> None:
+    """A PACS that sends a slice twice (same SOPInstanceUID) or two slices at one position: the client
+    says so in ``warnings`` and no slice is lost or counted twice."""
+    url = triton.grpc_url  # type: ignore[attr-defined]
+    options = ClientOptions(slab_size=8, concurrency=2)
+    with LesionClient(url, options, LOOSE) as client:
+        clean = client.detect_series(sub_series)
+        assert clean.warnings == [] and len(clean.detections) > 0
+
+        repeated = tmp_path / "repeated"
+        shutil.copytree(sub_series, repeated)
+        files = _sorted_files(repeated)
+        for f in (files[0], files[11], files[-1]):  # the ends too: their 2.5D context is edge-replicated
+            shutil.copy2(f, repeated / f"again_{f.name}")
+        result = client.detect_series(repeated)
+        assert result.num_slices == clean.num_slices == 24
+        assert result.sop_instance_uids == clean.sop_instance_uids
+        assert any("3 repeated SOPInstanceUID" in w for w in result.warnings), result.warnings
+        _assert_same(result.detections, clean.detections)
+
+        clash = tmp_path / "clash"
+        shutil.copytree(sub_series, clash)
+        ds = pydicom.dcmread(_sorted_files(clash)[5])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(clash / "same_position_other_uid.dcm")
+        result = client.detect_series(clash)
+        assert result.num_slices == 25  # both kept: neither is known to be the wrong one
+        assert any("share a position" in w for w in result.warnings), result.warnings
+
+
 def test_corrupt_file_is_named_and_the_server_keeps_serving(triton: object, sub_series: Path, tmp_path: Path) -> None:
     series = tmp_path / "series"
     shutil.copytree(sub_series, series)

@@ -5,13 +5,13 @@ that names the file / SOPInstanceUID / item and the reason; the server must stay
 and a good series sent while the bad requests arrive must get exactly the answer it gets alone.
 
 The cases that probe ``Limits`` run against a second server whose ``preprocess`` model carries
-``limit_*`` parameters (how a deployment configures them): that also proves the limits reach the
-model from its config, and keeps those requests a few MB instead of gigabytes.
+``limit_*`` parameters written by the repository builder (how a deployment configures them): that
+also proves the limits reach the model from its config, and keeps those requests a few MB instead
+of gigabytes.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -154,23 +154,15 @@ def test_good_request_concurrent_with_every_bad_case(
     assert triton.is_ready()  # type: ignore[attr-defined]
 
 
-def _limits_parameters(limits: Limits) -> str:
-    """``limit_*`` parameters, as model_repository/preprocess/1/model.py reads them."""
-    return "".join(
-        f'parameters {{ key: "limit_{k}" value {{ string_value: "{v}" }} }}\n'
-        for k, v in limits.to_dict().items()
-    )
-
-
 @pytest.fixture(scope="module")
-def limited_triton(cpu_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """A second server whose preprocess model has SMALL_LIMITS (appended to its config.pbtxt)."""
+def limited_triton(detector_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A second server whose repository was built with SMALL_LIMITS (`ctlesion build-repo --limit-*`)."""
     from ctlesion_client.server import TritonServer
+    from ctlesion_export.build_repo import RepoConfig, build_repository
 
-    repo = tmp_path_factory.mktemp("limited") / "repo"
-    shutil.copytree(cpu_repository, repo, symlinks=True)
-    config = repo / "preprocess" / "config.pbtxt"
-    config.write_text(config.read_text() + "\n" + _limits_parameters(SMALL_LIMITS))
+    repo = build_repository(
+        detector_onnx, tmp_path_factory.mktemp("limited") / "repo", RepoConfig(target="cpu", limits=SMALL_LIMITS)
+    )
     server = TritonServer(repo, log_path=repo.parent / "tritonserver.log")
     server.start(timeout_s=240)
     try:

@@ -109,31 +109,10 @@ def test_the_unsafe_call_scanner_finds_what_it_looks_for(tmp_path: Path) -> None
     ]
 
 
-# Sites found by this scan and reported, each with why it is not request input. The strict xfail
-# below turns red as soon as one is fixed, so this list can only shrink.
-KNOWN = {
-    # Training resume reads the trainer's own last.pt (optimizer + RNG state), never a request; the
-    # fix is to keep that state in plain types so that weights_only=True loads it.
-    "damoyolo/train.py: torch.load without weights_only=True",
-}
-
-
-def _without_line(finding: str) -> str:
-    path, _, rest = finding.partition(":")
-    return f"{path}: {rest.split(': ', 1)[1]}"
-
-
 def test_no_code_path_evaluates_or_unpickles_input() -> None:
     files = _python_files()
     assert len(files) > 20, "scanner found too few files: wrong root?"
-    assert [f for f in find_unsafe_calls(files) if _without_line(f) not in KNOWN] == []
-
-
-@pytest.mark.xfail(
-    strict=True, reason="damoyolo/train.py resume uses torch.load(weights_only=False): reported to the lead"
-)
-def test_known_unsafe_sites_are_fixed() -> None:
-    assert {_without_line(f) for f in find_unsafe_calls(_python_files())} & KNOWN == set()
+    assert find_unsafe_calls(files) == []
 
 
 # ----------------------------------------------------------------------------- TLS
