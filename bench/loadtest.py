@@ -4,9 +4,14 @@
         --users 4 --spawn-rate 1 --run-time 60s --slab-size 16 --out work/loadtest
     ctlesion loadtest --model-repository work/model_repository/cpu --users 4 ...   # starts its own server
     ctlesion loadtest --checkpoint models/ctlesion_damoyolo.pt ...                 # builds the repo too
+    ctlesion loadtest --soak --warmup 30s --run-time 180s ...   # memory must stay flat after the warm-up
 
 Writes to --out: locust_stats.csv, locust_stats_history.csv, locust_failures.csv,
-locust_exceptions.csv, locust.html, loadtest.json and loadtest.md.
+locust_exceptions.csv, locust.html, loadtest.json, loadtest.md, and, when the server runs on this
+machine, memory.csv / memory.png (the server's process tree sampled every --sample-interval).
+With --soak, locust runs --warmup + --run-time and the exit code is the soak verdict: no failed
+request, and the server's PSS grew less than max(--max-growth-mib, --max-growth-fraction x start)
+from the start to the end of the measured phase.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import csv
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -33,6 +39,7 @@ from ctlesion_bench.common import (
     phantom_series_dir,
     write_json,
 )
+from ctlesion_bench.memory import MemorySample, MemorySampler, SoakVerdict, judge_soak, write_csv
 from ctlesion_bench.metrics import ServerView, diff, format_view, scrape, scrape_settled, view_markdown
 
 if TYPE_CHECKING:
@@ -53,6 +60,7 @@ class LoadtestConfig:
     # at the end of --run-time users finish the slab in flight (counted) instead of cancelling it,
     # which the server would count as failed requests (reason CANCELED)
     stop_timeout_s: int = 120
+    warmup_s: float = 0.0  # soak: locust runs warmup + run_time; memory is judged after the warm-up
 
 
 @dataclass
@@ -79,6 +87,19 @@ class LoadtestResult:
     returncode: int
     reports: dict[str, str] = field(default_factory=dict)
     command: str = ""
+    memory: list[MemorySample] = field(default_factory=list)
+    soak: SoakVerdict | None = None
+
+
+def parse_duration_s(text: str) -> float:
+    """Locust's duration syntax: ``90``, ``90s``, ``3m``, ``1h30m``, ``2m30s``."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 3m, 1h30m)")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
 
 
 def _f(row: dict[str, str], key: str) -> float:
@@ -110,7 +131,8 @@ def run_locust(url: str, cfg: LoadtestConfig, series_dir: Path) -> int:
     cfg.out.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "--users", str(cfg.users), "--spawn-rate", str(cfg.spawn_rate), "--run-time", cfg.run_time,
+        "--users", str(cfg.users), "--spawn-rate", str(cfg.spawn_rate),
+        "--run-time", f"{cfg.warmup_s + parse_duration_s(cfg.run_time):g}s",
         "--host", f"grpc://{url}", "--csv", str(cfg.out / "locust"), "--csv-full-history",
         "--html", str(cfg.out / "locust.html"), "--only-summary", "--stop-timeout", str(cfg.stop_timeout_s),
         "--exit-code-on-error", "0", "--loglevel", "WARNING",
@@ -159,6 +181,13 @@ class LocalProcess:
             return None
 
 
+def server_pid(server: TritonServer | LocalProcess | None) -> int | None:
+    if isinstance(server, LocalProcess):
+        return server.pid
+    process = getattr(server, "process", None)
+    return process.pid if process is not None else None
+
+
 @contextlib.contextmanager
 def serving(
     args: argparse.Namespace, work: Path
@@ -195,6 +224,32 @@ def markdown(res: LoadtestResult) -> str:
         f"Server RSS before / after: {mib(res.rss_before_bytes)} / {mib(res.rss_after_bytes)}",
         "",
     ]
+    if res.soak is not None:
+        v = res.soak
+        lines += [
+            f"Soak: **{'PASS' if v.passed else 'FAIL'}** ({v.reason}). Warm-up {v.warmup_s:.0f} s, then "
+            f"{v.measured_s:.0f} s measured ({v.samples} samples): server PSS {mib(v.baseline_bytes)} at the start, "
+            f"{mib(v.end_bytes)} at the end ({v.growth_bytes / 2**20:+.1f} MiB; allowed "
+            f"< {v.allowed_bytes / 2**20:.0f} MiB), slope {v.slope_mib_per_min:+.2f} MiB/min.",
+            "",
+        ]
+        if v.growth_by_process:
+            lines += [
+                "PSS change over the measured phase, by process: "
+                + ", ".join(f"{k} {b / 2**20:+.1f} MiB" for k, b in sorted(v.growth_by_process.items())),
+                "",
+            ]
+        if res.memory:
+            first, last = res.memory[0], res.memory[-1]
+            lines += [
+                "| memory of the server's process tree | first sample | last sample |",
+                "|---|---:|---:|",
+                f"| PSS sum (judged) | {mib(first.pss_bytes)} | {mib(last.pss_bytes)} |",
+                f"| RSS sum (shared pages once per process) | {mib(first.rss_bytes)} | {mib(last.rss_bytes)} |",
+                f"| private anonymous | {mib(first.anon_bytes)} | {mib(last.anon_bytes)} |",
+                f"| shared region (/dev/shm) | {mib(first.shmem_bytes)} | {mib(last.shmem_bytes)} |",
+                "",
+            ]
     lines += [
         "Server's own view (Triton metrics, before -> after the run; times in ms per request, "
         "avg batch = inferences / executions):",
@@ -213,6 +268,7 @@ def run(args: argparse.Namespace) -> LoadtestResult:
         args.series_dir,
         args.out,
         args.stop_timeout,
+        parse_duration_s(args.warmup) if args.soak else 0.0,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out  # the built repository (if any) is kept in --out/artifacts
@@ -220,15 +276,33 @@ def run(args: argparse.Namespace) -> LoadtestResult:
     with serving(args, work) as (url, metrics_url, server):
         rss_before = server.rss_bytes() if server is not None else None
         before = scrape(metrics_url) if metrics_url else {}
-        rc = run_locust(url, cfg, series)
+        pid = server_pid(server)
+        if args.soak and pid is None:
+            raise RuntimeError(f"--soak needs the server's memory: {url} is not a process on this machine")
+        sampler = MemorySampler(pid, args.sample_interval).start() if pid is not None else None
+        try:
+            rc = run_locust(url, cfg, series)
+        finally:
+            samples = sampler.stop() if sampler is not None else []
         after = scrape_settled(metrics_url) if metrics_url else {}
         rss_after = server.rss_bytes() if server is not None else None
     stats_csv = args.out / "locust_stats.csv"
     if not stats_csv.exists():
         raise RuntimeError(f"locust wrote no {stats_csv} (exit {rc}); see {args.out / 'locust.log'}")
     reports = {p.name: str(p) for p in sorted(args.out.glob("locust*"))}
-    return LoadtestResult(cfg, url, read_stats(stats_csv, cfg.slab_size), diff(before, after), rss_before, rss_after,
-                          Machine.here(), rc, reports)  # fmt: skip
+    client = read_stats(stats_csv, cfg.slab_size)
+    soak = None
+    if args.soak:
+        soak = judge_soak(samples, cfg.warmup_s, client.failures, floor_bytes=int(args.max_growth_mib * 2**20),
+                          fraction=args.max_growth_fraction)  # fmt: skip
+    if samples:
+        from ctlesion_bench.plots import memory_plot
+
+        reports["memory.csv"] = str(write_csv(samples, args.out / "memory.csv"))
+        reports["memory.png"] = str(memory_plot(samples, args.out / "memory.png", cfg.warmup_s or None, soak,
+                                                args.out / "locust_stats_history.csv", sampler.t0_unix))  # fmt: skip
+    return LoadtestResult(cfg, url, client, diff(before, after), rss_before, rss_after, Machine.here(), rc,
+                          reports, memory=samples, soak=soak)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=120,
         help="seconds users get to finish the slab in flight at the end",
     )
+    p.add_argument("--soak", action="store_true",
+                   help="judge memory: exit 1 unless it stays flat after --warmup and nothing failed")  # fmt: skip
+    p.add_argument("--warmup", default="30s", help="--soak: load before the measured phase (locust duration)")
+    p.add_argument("--sample-interval", type=float, default=2.0, help="seconds between memory samples")
+    p.add_argument("--max-growth-mib", type=float, default=64.0, help="--soak: allowed PSS growth floor")
+    p.add_argument("--max-growth-fraction", type=float, default=0.10,
+                   help="--soak: allowed PSS growth as a fraction of the start (the larger of the two)")  # fmt: skip
     p.add_argument("--out", type=Path, default=REPO_ROOT / "work" / "loadtest")
     p.add_argument(
         "--results-md",
@@ -291,10 +372,20 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"server RSS: {res.rss_before_bytes / 2**20:.0f} MiB before, {(res.rss_after_bytes or 0) / 2**20:.0f} MiB after"
         )
+    if res.soak is not None:
+        v = res.soak
+        print(f"soak: {'PASS' if v.passed else 'FAIL'} ({v.reason}); server PSS {v.baseline_bytes / 2**20:.0f} -> "
+              f"{v.end_bytes / 2**20:.0f} MiB over {v.measured_s:.0f} s after a {v.warmup_s:.0f} s warm-up "
+              f"({v.growth_bytes / 2**20:+.1f} MiB, allowed < {v.allowed_bytes / 2**20:.0f} MiB; "
+              f"slope {v.slope_mib_per_min:+.2f} MiB/min)")  # fmt: skip
+        if v.growth_by_process:
+            print("  by process: " + ", ".join(f"{k} {b / 2**20:+.1f} MiB" for k, b in sorted(v.growth_by_process.items())))
     print(
         f"reports: {args.out}/locust_stats.csv, {args.out}/locust.html, {args.out}/loadtest.json, {args.out}/loadtest.md"
+        + (f", {args.out}/memory.png" if res.memory else "")
     )
-    return 0 if c.failures == 0 and res.returncode == 0 else 1
+    ok = c.failures == 0 and res.returncode == 0
+    return 0 if ok and (res.soak is None or res.soak.passed) else 1
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ class TritonServer:
         if self.process is None:
             return 0
         total = 0
-        for pid in _process_tree(self.process.pid):
+        for pid in process_tree(self.process.pid):
             with contextlib.suppress(OSError, ValueError, IndexError):
                 fields = Path(f"/proc/{pid}/statm").read_text().split()
                 total += int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -267,7 +267,8 @@ class TritonServer:
         self.stop()
 
 
-def _process_tree(root: int) -> list[int]:
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (Linux /proc): tritonserver and its Python-backend stubs."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):

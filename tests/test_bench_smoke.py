@@ -71,7 +71,9 @@ def test_locust_headless_against_real_server(triton: object, small_series: Path,
     rc = main(["--url", triton.grpc_url, "--metrics-url", triton.metrics_url,  # type: ignore[attr-defined]
                "--users", "1", "--spawn-rate", "1", "--run-time", "4s", "--slab-size", "4",
                "--series-dir", str(small_series), "--out", str(out),
-               "--results-md", str(tmp_path / "RESULTS.md")])  # fmt: skip
+               "--results-md", str(tmp_path / "RESULTS.md"),
+               # the soak machinery end to end; a few seconds judge nothing, hence the loose bound
+               "--soak", "--warmup", "2s", "--sample-interval", "0.5", "--max-growth-mib", "4096"])  # fmt: skip
     with open(out / "locust_stats.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     for column in ("Request Count", "Failure Count", "50%", "95%", "99%", "Requests/s"):
@@ -87,6 +89,12 @@ def test_locust_headless_against_real_server(triton: object, small_series: Path,
     assert detector["executions"] >= 1 and detector["avg_batch"] >= 1 and detector["failures"] == 0
     assert data["rss_before_bytes"] > 0 and data["rss_after_bytes"] > 0  # --url on loopback: read via psutil
     assert "avg batch" in (out / "loadtest.md").read_text()
+    soak = data["soak"]
+    assert soak["passed"] and soak["samples"] >= 6 and soak["failures"] == 0, soak
+    assert 0 < soak["baseline_bytes"] <= data["memory"][-1]["rss_bytes"]
+    assert data["memory"][0]["processes"] >= 4  # tritonserver and the Python-backend stubs
+    assert (out / "memory.png").stat().st_size > 0 and (out / "memory.csv").exists()
+    assert "Soak: **PASS**" in (out / "loadtest.md").read_text()
     recorded = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- loadtest:cpu:begin -->" in recorded and "ctlesion loadtest --url" in recorded
     assert rc == 0
@@ -127,3 +135,25 @@ def test_results_sections_are_replaced_in_place(tmp_path: Path) -> None:
     assert text.index("second") < text.index("## GPU") and text.startswith("# Benchmark results\n\nintro")
     fresh = replace_section(tmp_path / "new" / "RESULTS.md", "bench:cpu", "body").read_text()
     assert "body" in fresh and "No GPU figures were measured" in fresh
+
+
+def test_ort_memory_bench_runs_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    import damoyolo
+    from ctlesion_bench.bench_ort_memory import CONFIGS, MEMORY_SEQUENCE, main
+    from ctlesion_export.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = damoyolo.build_model("Ns", num_classes=1, in_channels=3).eval()
+    model.fuse()
+    onnx = export_onnx(model, tmp_path / "ns64.onnx", size=64, in_channels=3)
+    assert main(["--onnx", str(onnx), "--batches", "4", "--rounds", "1", "--threads", "1",
+                 "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    data = json.loads((tmp_path / "out" / "ort_memory.json").read_text())
+    rows = {r["config"]: r for r in data["rows"]}
+    assert set(rows) == set(CONFIGS) and rows["arena+pattern"]["time_ratio"] == 1.0
+    for r in rows.values():
+        assert len(r["rss_mib_after_each"]) == len(MEMORY_SEQUENCE) and min(r["rss_mib_after_each"]) > 0
+        assert r["time_ratio"] > 0
+    assert "time ratio" in capsys.readouterr().out
