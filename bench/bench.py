@@ -3,7 +3,8 @@
     ctlesion bench --checkpoint models/ctlesion_damoyolo.pt --out work/bench
 
 (1) the detector alone in-process (onnxruntime, batch sweep, best batch) on preprocessed tensors,
-(2) the full Triton ensemble through gRPC at a concurrency sweep (in-flight slabs),
+(2) the full Triton ensemble through gRPC at a concurrency sweep (in-flight slabs), with the FP32
+    detector and again with the INT8 (QDQ) detector served from a second CPU repository,
 (3) the naive baseline as the article does it (per image: pydicom, window, PyTorch, NMS, one at a time),
 plus FP32 vs INT8 of the detector (``bench_int8``) and the server's RSS at the end. Every figure is
 the median of ``--repeat`` runs. Writes bench.json (after each step, so a crash keeps what was
@@ -55,6 +56,7 @@ SPEEDUP_TARGET = 5.0  # (2) / (3)
 class Ratios:
     serving_over_detector: float | None = None  # (2) best / (1) best
     serving_over_naive: float | None = None  # (2) best / (3)
+    int8_serving_over_naive: float | None = None  # (2) with the INT8 detector, best / (3)
     serving_target: float = SERVING_TARGET
     speedup_target: float = SPEEDUP_TARGET
 
@@ -68,6 +70,7 @@ class BenchResult:
     int8: list[dict[str, float]] = field(default_factory=list)
     naive: NaiveResult | None = None
     ensemble: list[EnsembleRow] = field(default_factory=list)
+    ensemble_int8: list[EnsembleRow] = field(default_factory=list)  # same sweep, INT8 detector repository
     server_view: ServerView | None = None
     server_rss_end_bytes: int | None = None
     ratios: Ratios = field(default_factory=Ratios)
@@ -81,6 +84,9 @@ class BenchResult:
     def best_ensemble(self) -> EnsembleRow | None:
         return max(self.ensemble, key=lambda r: r.slices_per_s, default=None)
 
+    def best_ensemble_int8(self) -> EnsembleRow | None:
+        return max(self.ensemble_int8, key=lambda r: r.slices_per_s, default=None)
+
 
 def compute_ratios(res: BenchResult) -> Ratios:
     det, ens = res.best_detector(), res.best_ensemble()
@@ -89,13 +95,18 @@ def compute_ratios(res: BenchResult) -> Ratios:
         r.serving_over_detector = round(ens.slices_per_s / det.slices_per_s, 3)
     if ens and res.naive and res.naive.slices_per_s:
         r.serving_over_naive = round(ens.slices_per_s / res.naive.slices_per_s, 2)
+    ens8 = res.best_ensemble_int8()
+    if ens8 and res.naive and res.naive.slices_per_s:
+        r.int8_serving_over_naive = round(ens8.slices_per_s / res.naive.slices_per_s, 2)
     return r
 
 
 def int8_compare(
     fp32: Path, images: np.ndarray, out: Path, batches: list[int], repeat: int
-) -> list[dict[str, float]]:
-    """Quantize (min-max, on these preprocessed phantom slices) and reuse bench_int8's interleaved timing."""
+) -> tuple[Path, list[dict[str, float]]]:
+    """Quantize (min-max, on these preprocessed phantom slices) and reuse bench_int8's interleaved timing.
+
+    Returns the INT8 model (served in the second ensemble sweep) and the timing rows."""
     from dataclasses import asdict
 
     from ctlesion_bench.bench_int8 import bench as bench_int8
@@ -110,7 +121,19 @@ def int8_compare(
 
     int8 = quantize_int8(fp32, out / "detector_int8.onnx", Reader(), QuantizeConfig(method="minmax")).path
     rows = bench_int8(fp32, int8, images, batches, repeat, warmup=1, threads=0)
-    return [asdict(r) for r in rows]
+    return int8, [asdict(r) for r in rows]
+
+
+def int8_ensemble(args: argparse.Namespace, int8_onnx: Path, slabs: list[list[bytes]], out: Path) -> list[EnsembleRow]:
+    """The same concurrency sweep against a CPU repository whose detector serves the INT8 model."""
+    from ctlesion_client.server import TritonServer
+    from ctlesion_export.build_repo import RepoConfig, build_repository
+
+    repo = build_repository(int8_onnx, out / "artifacts" / "repository" / "cpu-int8",
+                            RepoConfig(target="cpu", max_batch_size=args.max_batch_size))  # fmt: skip
+    with TritonServer(repo, log_path=out / "tritonserver-int8.log") as server:
+        return ensemble_sweep(server.grpc_url, slabs, args.concurrency, args.requests_per_worker,
+                              args.repeat, server.metrics_url)  # fmt: skip
 
 
 def run(args: argparse.Namespace, result: BenchResult) -> BenchResult:
@@ -139,8 +162,9 @@ def run(args: argparse.Namespace, result: BenchResult) -> BenchResult:
 
     result.detector = detector_sweep(art.onnx, images, args.batches, args.repeat)
     save()
+    int8_onnx: Path | None = None
     if not args.skip_int8:
-        result.int8 = int8_compare(
+        int8_onnx, result.int8 = int8_compare(
             art.onnx, images, out / "artifacts", args.int8_batches, max(args.repeat, 3)
         )
         save()
@@ -161,6 +185,9 @@ def run(args: argparse.Namespace, result: BenchResult) -> BenchResult:
         )
         result.server_view = diff(before, scrape(server.metrics_url))
         result.server_rss_end_bytes = server.rss_bytes()
+    save()
+    if int8_onnx is not None and not args.skip_int8_ensemble:
+        result.ensemble_int8 = int8_ensemble(args, int8_onnx, slabs, out)
     result.ratios = compute_ratios(result)
     save()
     return result
@@ -193,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="detector max_batch_size in the repository")
     p.add_argument("--skip-int8", action="store_true")
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--skip-int8-ensemble", action="store_true",
+                   help="do not serve the INT8 detector for a second ensemble sweep")  # fmt: skip
     p.add_argument("--results-md", default=str(RESULTS_MD), help="results file to update ('' to skip)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: run the GPU section instead (ctlesion_bench.gpu_sweep)")  # fmt: skip
@@ -215,8 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         command="ctlesion bench " + shlex.join(argv), machine=Machine.here(), settings=settings
     )
     t0 = time.perf_counter()
+    from ctlesion_client.server import sigterm_as_interrupt
+
+    sigterm_as_interrupt()  # a killed bench stops the servers it started (their `with` blocks)
     try:
         run(args, result)
+    except KeyboardInterrupt:
+        print(f"bench interrupted; what was measured is in {args.out / 'bench.json'}", file=sys.stderr)
+        return 130
     finally:
         result.seconds = round(time.perf_counter() - t0, 1)
         write_json(args.out / "bench.json", result)

@@ -347,13 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ctlesion_client.server import sigterm_as_interrupt
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     configure_logging()
     if args.url and not args.metrics_url:
         host = args.url.rsplit(":", 1)[0]
         args.metrics_url = f"http://{host}:8002/metrics"
-    res = run(args)
+    sigterm_as_interrupt()  # a killed load test takes its tritonserver and locust down with it
+    try:
+        res = run(args)
+    except KeyboardInterrupt:
+        print("load test interrupted: server and locust stopped", file=sys.stderr)
+        return 130
     res.command = "ctlesion loadtest " + shlex.join(argv)
     write_json(args.out / "loadtest.json", res)
     (args.out / "loadtest.md").write_text(markdown(res))

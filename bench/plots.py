@@ -33,11 +33,18 @@ def latency_plot(rows: list[EnsembleRow], path: Path) -> Path:
 
 
 def throughput_plot(
-    rows: list[EnsembleRow], path: Path, detector_alone: float | None, naive: float | None
+    rows: list[EnsembleRow],
+    path: Path,
+    detector_alone: float | None,
+    naive: float | None,
+    rows_int8: list[EnsembleRow] | None = None,
 ) -> Path:
     conc = [r.concurrency for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(conc, [r.slices_per_s for r in rows], "o-", label="ensemble (gRPC)")
+    ax.plot(conc, [r.slices_per_s for r in rows], "o-", label="ensemble (gRPC), FP32 detector")
+    if rows_int8:
+        ax.plot([r.concurrency for r in rows_int8], [r.slices_per_s for r in rows_int8], "D-", color="C1",
+                label="ensemble (gRPC), INT8 detector")  # fmt: skip
     if detector_alone:
         ax.axhline(detector_alone, color="C2", ls="--", label="detector alone (ORT, best batch)")
     if naive:

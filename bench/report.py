@@ -10,6 +10,7 @@ from ctlesion_bench.metrics import format_view, view_markdown
 
 if TYPE_CHECKING:
     from ctlesion_bench.bench import BenchResult
+    from ctlesion_bench.measure import EnsembleRow
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:
@@ -29,13 +30,27 @@ def render_plots(res: BenchResult, out: Path) -> list[str]:
     return [
         str(latency_plot(res.ensemble, out / "latency.png")),
         str(throughput_plot(res.ensemble, out / "throughput.png", det.slices_per_s if det else None,
-                            res.naive.slices_per_s if res.naive else None)),
+                            res.naive.slices_per_s if res.naive else None, res.ensemble_int8)),
+    ]  # fmt: skip
+
+
+def _ensemble_table(rows: list[EnsembleRow]) -> list[str]:
+    return [
+        "| in-flight slabs | slices/s | req/s | p50 ms | p95 ms | p99 ms | failures / requests "
+        "| detector avg batch | slabs / exec | detector queue ms | detector infer ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {e.concurrency} | {e.slices_per_s:.1f} | {e.requests_per_s:.2f} | {e.p50_ms:.0f} | {e.p95_ms:.0f} | {e.p99_ms:.0f} | {e.failures} / {e.requests} "
+            f"| {_fmt(e.detector_avg_batch, '.1f')} | {_fmt(e.detector_requests_per_exec)} | {_fmt(e.detector_queue_ms, '.1f')} | {_fmt(e.detector_infer_ms, '.1f')} |"
+            for e in rows
+        ],
     ]  # fmt: skip
 
 
 def markdown(res: BenchResult, plot_dir: str | None = None) -> str:
     m = res.machine
     det, ens, r = res.best_detector(), res.best_ensemble(), res.ratios
+    ens8 = res.best_ensemble_int8()
     s = res.settings
     lines = [
         f"Command: `{res.command}`",
@@ -49,10 +64,13 @@ def markdown(res: BenchResult, plot_dir: str | None = None) -> str:
         "|---|---:|---|",
         f"| (1) detector alone, onnxruntime in-process | {_fmt(det.slices_per_s if det else None, '.1f')} | best batch {det.batch if det else 'n/a'} |",
         f"| (2) Triton ensemble over gRPC | {_fmt(ens.slices_per_s if ens else None, '.1f')} | best concurrency {ens.concurrency if ens else 'n/a'} |",
+        *([f"| (2) same, INT8 (QDQ) detector | {ens8.slices_per_s:.1f} | best concurrency {ens8.concurrency} |"] if ens8 else []),
         f"| (3) naive per-image baseline | {_fmt(res.naive.slices_per_s if res.naive else None, '.1f')} | pydicom + window + PyTorch + NMS, batch 1, {res.naive.torch_threads if res.naive else '-'} torch thread(s) |",
         "",
         f"- (2)/(1) serving overhead: **{_fmt(r.serving_over_detector, '.3f')}** (target >= {r.serving_target}: {_met(r.serving_over_detector, r.serving_target)})",
         f"- (2)/(3) what Triton + batching buys: **{_fmt(r.serving_over_naive, '.2f')}x** (target >= {r.speedup_target}x: {_met(r.serving_over_naive, r.speedup_target)})",
+        *([f"- (2, INT8 detector)/(3): **{_fmt(r.int8_serving_over_naive, '.2f')}x** (target >= {r.speedup_target}x: "
+           f"{_met(r.int8_serving_over_naive, r.speedup_target)}); the naive baseline stays FP32 PyTorch"] if ens8 else []),
         f"- server RSS at the end: {_fmt(res.server_rss_end_bytes / 2**20 if res.server_rss_end_bytes else None, '.0f')} MiB",
         "",
         "Detector alone (onnxruntime CPU, default threads):",
@@ -63,15 +81,11 @@ def markdown(res: BenchResult, plot_dir: str | None = None) -> str:
         "",
         "Ensemble over gRPC (client latency per slab request):",
         "",
-        "| in-flight slabs | slices/s | req/s | p50 ms | p95 ms | p99 ms | failures / requests "
-        "| detector avg batch | slabs / exec | detector queue ms | detector infer ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *[
-            f"| {e.concurrency} | {e.slices_per_s:.1f} | {e.requests_per_s:.2f} | {e.p50_ms:.0f} | {e.p95_ms:.0f} | {e.p99_ms:.0f} | {e.failures} / {e.requests} "
-            f"| {_fmt(e.detector_avg_batch, '.1f')} | {_fmt(e.detector_requests_per_exec)} | {_fmt(e.detector_queue_ms, '.1f')} | {_fmt(e.detector_infer_ms, '.1f')} |"
-            for e in res.ensemble
-        ],  # fmt: skip
+        *_ensemble_table(res.ensemble),
     ]
+    if res.ensemble_int8:
+        lines += ["", "Ensemble over gRPC, INT8 (QDQ) detector served from a second CPU repository:", "",
+                  *_ensemble_table(res.ensemble_int8)]  # fmt: skip
     if res.server_view and res.server_view.reachable:
         lines += [
             "",
@@ -163,6 +177,10 @@ def print_summary(res: BenchResult) -> None:
     print(
         f"(2) ensemble gRPC  : {_fmt(ens.slices_per_s if ens else None, '.1f')} slices/s (concurrency {ens.concurrency if ens else '-'})"
     )
+    ens8 = res.best_ensemble_int8()
+    if ens8:
+        print(f"(2) INT8 detector  : {ens8.slices_per_s:.1f} slices/s (concurrency {ens8.concurrency}); "
+              f"vs naive {_fmt(r.int8_serving_over_naive, '.2f')}x")  # fmt: skip
     print(f"(3) naive baseline : {_fmt(res.naive.slices_per_s if res.naive else None, '.1f')} slices/s")
     print(f"(2)/(1) serving overhead = {_fmt(r.serving_over_detector, '.3f')} (target >= {r.serving_target}: "
           f"{_met(r.serving_over_detector, r.serving_target)}); (2)/(3) Triton + batching vs naive = "

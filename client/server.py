@@ -283,6 +283,19 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
+def sigterm_as_interrupt() -> None:
+    """Make SIGTERM (docker stop, kill, systemd, a CI timeout) raise KeyboardInterrupt in the main thread.
+
+    Commands that start tritonserver or locust children stop them in ``finally`` / ``with`` blocks;
+    Python's default SIGTERM exit skips those and orphans the children.
+    """
+
+    def _interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ctlesion serve",
@@ -312,11 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         grpc_ssl_mutual=args.grpc_ssl_mutual,
     )
 
-    def _terminate(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM (docker stop, kill, systemd) must stop the server too, not orphan it
-
     # Installed before start and one try around everything: a signal at any point stops the server.
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm_as_interrupt()
     try:
         try:
             server.start(args.timeout)

@@ -60,6 +60,9 @@ class RepoConfig:
     # onnxruntime's memory pattern caches one planned block per input shape on top of the arena: with
     # the batcher's varying batch sizes it held 1.77 GiB vs 1.04 GiB at the same speed (docs/reliability.md)
     ort_mem_pattern: bool = False
+    # the arena grows to the largest single run: batches the batcher merges (up to max_batch_size) run
+    # in pieces of at most this many slices, 434 vs 1035 MiB at the same speed (bench_ort_memory); 0 = whole
+    ort_max_run_batch: int = 8
     window: str = "lung"
     score_threshold: float = 0.3
     nms_iou: float = 0.2
@@ -137,7 +140,8 @@ def detector_config(info: OnnxModelInfo, cfg: RepoConfig) -> mc.ModelConfig:
     if cfg.target == "cpu":
         config = mc.ModelConfig(name="detector", backend="python", max_batch_size=cfg.max_batch_size)
         _params(config, {"onnx_file": "model.onnx", "intra_op_threads": cfg.intra_op_threads,
-                         "mem_pattern": str(cfg.ort_mem_pattern).lower()})  # fmt: skip
+                         "mem_pattern": str(cfg.ort_mem_pattern).lower(),
+                         "max_run_batch": cfg.ort_max_run_batch})  # fmt: skip
     elif cfg.target == "gpu-onnx":
         config = mc.ModelConfig(name="detector", platform="onnxruntime_onnx", max_batch_size=cfg.max_batch_size)
         if cfg.trt_precision != "none":
@@ -353,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (cpu target; 0 = all cores)")
     parser.add_argument("--ort-mem-pattern", action="store_true",
                         help="cpu target: enable onnxruntime's memory pattern (more memory, no faster here)")  # fmt: skip
+    parser.add_argument("--ort-max-run-batch", type=int, default=8, metavar="N",
+                        help="cpu target: run merged batches in pieces of at most N slices, bounding "
+                             "onnxruntime's arena (0 = whole batch; default %(default)s)")  # fmt: skip
     parser.add_argument("--trt-precision", choices=("fp16", "int8", "none"), default="fp16")
     parser.add_argument("--window", default="lung")
     parser.add_argument("--score-threshold", type=float, default=0.3)
@@ -369,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             default=getattr(Limits(), spec.name), metavar="N", help="default %(default)s",
         )
     args = parser.parse_args(argv)
+    if args.ort_max_run_batch < 0:
+        parser.error("--ort-max-run-batch must be >= 0 (0 runs each merged batch whole)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg = RepoConfig(
         target=args.target,
@@ -379,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         postprocess_instances=args.postprocess_instances,
         intra_op_threads=args.intra_op_threads,
         ort_mem_pattern=args.ort_mem_pattern,
+        ort_max_run_batch=args.ort_max_run_batch,
         trt_precision=args.trt_precision,
         window=args.window,
         score_threshold=args.score_threshold,

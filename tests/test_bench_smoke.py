@@ -102,6 +102,44 @@ def test_locust_headless_against_real_server(triton: object, small_series: Path,
 
 @pytest.mark.slow
 @pytest.mark.triton
+def test_killed_load_test_leaves_no_server_or_locust_behind(cpu_repository: Path, small_series: Path,
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    """SIGTERM (a CI timeout, kill, docker stop) mid-run: tritonserver, its stubs and locust all go."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    cmd = [sys.executable, "-m", "ctlesion_bench.loadtest", "--model-repository", str(cpu_repository),
+           "--users", "1", "--spawn-rate", "1", "--run-time", "120s", "--slab-size", "4",
+           "--series-dir", str(small_series), "--out", str(tmp_path / "lt"), "--results-md", ""]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 240
+        children: list[psutil.Process] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            children = parent.children(recursive=True)
+            if any("locust" in " ".join(c.cmdline()) for c in children if c.is_running()):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"locust never started (loadtest exit {proc.poll()})")
+        names = {c.name() for c in children}
+        assert any("tritonserver" in n for n in names), names
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 130
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.triton
 def test_bench_tiny_run(detector_onnx: Path, small_series: Path, tmp_path: Path) -> None:
     from ctlesion_bench.bench import main
 
@@ -117,6 +155,13 @@ def test_bench_tiny_run(detector_onnx: Path, small_series: Path, tmp_path: Path)
     assert all(e["failures"] == 0 and e["detector_avg_batch"] >= 1 for e in data["ensemble"])
     assert data["naive"]["slices"] == 4 and data["int8"][0]["batch"] == 1
     assert data["ratios"]["serving_over_detector"] is not None and data["server_rss_end_bytes"] > 0
+    # the second sweep served the INT8 model the bench quantized, from its own repository
+    assert [e["concurrency"] for e in data["ensemble_int8"]] == [1, 2]
+    assert all(e["failures"] == 0 for e in data["ensemble_int8"])
+    assert data["ratios"]["int8_serving_over_naive"] > 0
+    served = (out / "artifacts" / "repository" / "cpu-int8" / "detector" / "1" / "model.onnx").read_bytes()
+    assert served == (out / "artifacts" / "detector_int8.onnx").read_bytes()
+    assert "INT8 (QDQ) detector" in (out / "bench.md").read_text()
     for name in ("bench.md", "latency.png", "throughput.png"):
         assert (out / name).stat().st_size > 0, name
     text = results.read_text()
@@ -153,6 +198,7 @@ def test_ort_memory_bench_runs_side_by_side(tmp_path: Path, capsys: pytest.Captu
     data = json.loads((tmp_path / "out" / "ort_memory.json").read_text())
     rows = {r["config"]: r for r in data["rows"]}
     assert set(rows) == set(CONFIGS) and rows["arena+pattern"]["time_ratio"] == 1.0
+    assert rows["arena, runs<=8"]["max_run_batch"] == 8
     for r in rows.values():
         assert len(r["rss_mib_after_each"]) == len(MEMORY_SEQUENCE) and min(r["rss_mib_after_each"]) > 0
         assert r["time_ratio"] > 0

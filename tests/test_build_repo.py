@@ -63,6 +63,7 @@ def test_cpu_repository_layout_and_configs(small_onnx: Path, tmp_path: Path) -> 
     assert list(det.input[0].dims) == [3, 64, 64] and det.input[0].data_type == mc.TYPE_UINT8
     assert list(det.output[0].dims) == [inspect_onnx(small_onnx).num_anchors, 2]
     assert det.parameters["mem_pattern"].string_value == "false"  # the soak's 40 % smaller footprint
+    assert det.parameters["max_run_batch"].string_value == "8"  # the arena sized for 8 slices, not 32
 
     pre = _load(out / "preprocess" / "config.pbtxt")
     assert [o.name for o in pre.output] == ["images", *(n for n, _, _ in SLAB_META_TENSORS)]
@@ -159,6 +160,12 @@ def test_build_repo_cli_can_turn_the_memory_pattern_back_on(small_onnx: Path, tm
     assert main(["--onnx", str(small_onnx), "--out", str(tmp_path / "r"), "--ort-mem-pattern"]) == 0
     det = _load(tmp_path / "r" / "detector" / "config.pbtxt")
     assert det.parameters["mem_pattern"].string_value == "true"
+
+
+def test_build_repo_cli_sets_the_detector_run_size(small_onnx: Path, tmp_path: Path) -> None:
+    assert main(["--onnx", str(small_onnx), "--out", str(tmp_path / "r"), "--ort-max-run-batch", "0"]) == 0
+    det = _load(tmp_path / "r" / "detector" / "config.pbtxt")
+    assert det.parameters["max_run_batch"].string_value == "0"
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,27 @@ def test_bad_input_is_invalid_argument_and_server_stays_up(triton: object, small
     _infer(url, small_series)  # and it still answers good requests
 
 
+def test_detector_runs_a_merged_batch_in_pieces_with_the_same_outputs(triton: object, detector_onnx) -> None:  # noqa: ANN001
+    """The CPU detector cuts batches into runs of max_run_batch (8) slices: 20 slices go as 8 + 8 + 4,
+    and the outputs must be those of onnxruntime running all 20 at once, in order."""
+    import onnxruntime as ort
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)  # type: ignore[attr-defined]
+    config = client.get_model_config("detector").config
+    assert config.parameters["max_run_batch"].string_value == "8"
+    dims = [int(d) for d in config.input[0].dims]
+    images = np.random.default_rng(5).integers(0, 256, (20, *dims), dtype=np.uint8)
+    tensor = grpcclient.InferInput(config.input[0].name, list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images)
+    result = client.infer("detector", [tensor], client_timeout=120)
+    session = ort.InferenceSession(str(detector_onnx), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: images.astype(np.float32)})
+    for output, want in zip(config.output, expected, strict=True):
+        got = result.as_numpy(output.name)
+        assert got.shape == want.shape, output.name
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4, err_msg=output.name)
+
+
 def test_concurrent_requests_get_their_own_answers(triton: object) -> None:
     url = triton.grpc_url  # type: ignore[attr-defined]
     series = [phantom_series(chest_phantom(z=3, size=512, seed=s)) for s in range(4)]
