@@ -67,8 +67,15 @@ def ensure_cases(root: Path, seeds: Sequence[int], config: PhantomConfig | None 
     return dirs
 
 
-def load_cases(dirs: Sequence[Path], window: str = "lung") -> list[CaseData]:
-    return [load_case(d, window) for d in tqdm(dirs, desc="decode series", unit="case")]
+def load_cases(dirs: Sequence[Path], window: str = "lung", workers: int = 0) -> list[CaseData]:
+    """Decode the cases in order; ``workers`` > 1 decodes that many at once in processes (GPU nodes)."""
+    if workers <= 1 or len(dirs) <= 1:
+        return [load_case(d, window) for d in tqdm(dirs, desc="decode series", unit="case")]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(workers, len(dirs))) as pool:
+        jobs = pool.map(load_case, dirs, [window] * len(dirs))
+        return list(tqdm(jobs, total=len(dirs), desc=f"decode series ({workers} processes)", unit="case"))
 
 
 @dataclass

@@ -25,7 +25,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ class TrainConfig:
     pretrained: str | None = None  # an official DAMO-YOLO checkpoint to start from
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = all cores
+    workers: int = 0  # processes making batches (and decoding series); 0 = in the training loop
     class_names: list[str] = field(default_factory=lambda: ["nodule"])
 
 
@@ -114,6 +115,42 @@ def make_batch(
         images.append(np.asarray(image, dtype=np.float32))
         targets.append(torch.from_numpy(np.concatenate([np.zeros((len(boxes), 1), np.float32), boxes], 1)))
     return torch.from_numpy(np.stack(images)), targets
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless random batches made in DataLoader worker processes, each with its own seeded RNG.
+
+    On a GPU the single-threaded crop + augment step, not the model, bounds the step rate; workers
+    hide it. The cases are shared with the workers by fork (copy-on-write), not pickled.
+    """
+
+    def __init__(self, sampler: CropSampler, batch_size: int, aug: AugmentConfig, seed: int, step: int) -> None:
+        self.sampler, self.batch_size, self.aug, self.seed, self.step = sampler, batch_size, aug, seed, step
+
+    def __iter__(self):  # noqa: ANN204 - a generator of (images, targets)
+        info = torch.utils.data.get_worker_info()
+        # seeded by run seed, resume step and worker: reproducible per run, different after a resume
+        rng = np.random.default_rng([self.seed, self.step, info.id if info else 0])
+        while True:
+            yield make_batch(self.sampler, rng, self.batch_size, self.aug)
+
+
+def batch_source(
+    sampler: CropSampler, rng: np.random.Generator, cfg: TrainConfig, aug: AugmentConfig, step: int
+) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Training batches: made in the loop (workers = 0, resumes bit-exactly) or by worker processes."""
+    if cfg.workers <= 0:
+        while True:
+            yield make_batch(sampler, rng, cfg.batch_size, aug)
+    loader = torch.utils.data.DataLoader(
+        _BatchStream(sampler, cfg.batch_size, aug, cfg.seed, step),
+        batch_size=None,  # items are whole batches already
+        num_workers=cfg.workers,
+        prefetch_factor=4,
+        pin_memory=torch.cuda.is_available(),
+        multiprocessing_context="fork",
+    )
+    yield from loader
 
 
 @dataclass
@@ -224,8 +261,8 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
     phantom = PhantomConfig() if cfg.phantom_slices_max is None else PhantomConfig(slices_max=cfg.phantom_slices_max)
     train_dirs = ensure_cases(data / "train", [cfg.train_seed + i for i in range(cfg.train_cases)], phantom)
     val_dirs = ensure_cases(data / "validation", [cfg.val_seed + i for i in range(cfg.val_cases)], phantom)
-    train_cases = load_cases(train_dirs, cfg.window)
-    val_cases = load_cases(val_dirs, cfg.window)
+    train_cases = load_cases(train_dirs, cfg.window, cfg.workers)
+    val_cases = load_cases(val_dirs, cfg.window, cfg.workers)
     sampler = CropSampler(train_cases, crop=cfg.crop, k=cfg.k, p_positive=cfg.p_positive)
     val = ValSet.build(val_cases, cfg.k, cfg.val_slices_max, cfg.seed)
     print(
@@ -238,7 +275,7 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
     model = damoyolo.build_model(cfg.variant, num_classes=len(cfg.class_names), in_channels=cfg.k)
     if cfg.pretrained:
         report = damoyolo.load_pretrained(model, torch.load(cfg.pretrained, map_location="cpu", weights_only=True))
-        print(f"pretrained: {report}", flush=True)
+        print(f"pretrained: {report.summary()}", flush=True)
     model.to(device)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -264,6 +301,7 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
         print(f"resumed from {last} at epoch {start_epoch}, step {step}", flush=True)
 
     aug = AugmentConfig()
+    batches = batch_source(sampler, rng, cfg, aug, step)
     t_start = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -272,8 +310,9 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
         for _ in bar:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg, total)
-            images, targets = make_batch(sampler, rng, cfg.batch_size, aug)
-            loss = model.compute_loss(model(images.to(device)), [t.to(device) for t in targets])
+            images, targets = next(batches)
+            images = images.to(device, non_blocking=True)
+            loss = model.compute_loss(model(images), [t.to(device, non_blocking=True) for t in targets])
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -350,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="official DAMO-YOLO checkpoint to fine-tune from")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="processes that decode series and make batches (GPU nodes; 0 = none, resumes bit-exactly)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
     p.add_argument("--release", type=Path, default=None, help="write the best EMA model here (fp16)")
     p.add_argument("--release-only", action="store_true", help="just write OUT/best.pt to --release and exit")
@@ -372,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         variant=args.variant, train_cases=args.train_cases, val_cases=args.val_cases, data_dir=args.data_dir,
         out_dir=args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         crop=args.crop, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
-        pretrained=args.pretrained, device=args.device, threads=args.threads,
+        pretrained=args.pretrained, device=args.device, threads=args.threads, workers=args.workers,
     )
     train(cfg, resume=not args.no_resume, release=args.release, quiet=args.quiet)
     return 0
