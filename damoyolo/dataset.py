@@ -20,8 +20,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ctlesion_phantoms import CaseTruth, PhantomConfig, generate_case
+from ctlesion_phantoms.truth import NoduleTruth
 from ctlesion_phantoms.volume import default_case_id
-from damoyolo.evaluate import truth_slice_boxes
+from damoyolo.evaluate import truth_slice_boxes, truth_slice_nodules
 from preprocess_backend.masks import LUNG
 from preprocess_backend.pipeline import decode_items, preprocess_decoded
 from preprocess_backend.stacking import stack_indices
@@ -35,6 +36,7 @@ class CaseData:
     boxes: dict[int, np.ndarray]  # slice -> [M, 4] xyxy px
     lung_slices: np.ndarray  # slice indices that contain lung (where negatives are drawn)
     truth: CaseTruth
+    box_nodules: dict[int, list[int]] = field(default_factory=dict)  # slice -> index in truth.nodules per box
 
 
 def load_case(case_dir: Path, window: str = "lung") -> CaseData:
@@ -52,7 +54,7 @@ def load_case(case_dir: Path, window: str = "lung") -> CaseData:
     # lung present: the anatomy mask (lowres) has lung pixels on the slice
     lung = np.flatnonzero((slab.meta.anatomy & LUNG).reshape(len(windowed), -1).any(1))
     boxes = {k: v.astype(np.float32) for k, v in truth_slice_boxes(truth).items()}
-    return CaseData(truth.case_id, windowed, boxes, lung, truth)
+    return CaseData(truth.case_id, windowed, boxes, lung, truth, truth_slice_nodules(truth))
 
 
 def ensure_cases(root: Path, seeds: Sequence[int], config: PhantomConfig | None = None) -> list[Path]:
@@ -91,16 +93,32 @@ class CropSampler:
     k: int = 3
     p_positive: float = 0.6
     min_visible: float = 0.6  # a box cut by the crop keeps its label if this much of it is inside
+    # Hard examples: a box of a hard nodule (``is_hard``) is drawn this many times as often as
+    # another; 1 = every positive slice equally likely (the stage-1 recipe).
+    hard_weight: float = 1.0
     _positives: list[tuple[int, int]] = field(init=False, default_factory=list)
     _negatives: list[tuple[int, int]] = field(init=False, default_factory=list)
+    _hard_boxes: list[tuple[int, int, int]] = field(init=False, default_factory=list)  # (case, slice, box)
+    _hard_p: np.ndarray | None = field(init=False, default=None)
+    num_hard_boxes: int = field(init=False, default=0)  # boxes (slice x nodule) of hard nodules
 
     def __post_init__(self) -> None:
+        weights = []
         for ci, case in enumerate(self.cases):
             self._positives += [(ci, k) for k in case.boxes]
             lung = case.lung_slices if len(case.lung_slices) else np.arange(len(case.windowed))
             self._negatives += [(ci, int(k)) for k in lung]
+            for k, nodules in case.box_nodules.items():
+                for j, n in enumerate(nodules):
+                    self._hard_boxes.append((ci, k, j))
+                    hard = is_hard(case.truth.nodules[n])
+                    self.num_hard_boxes += hard
+                    weights.append(self.hard_weight if hard else 1.0)
         if not self._negatives:
             raise ValueError("no slices to sample from")
+        if self.hard_weight != 1.0 and weights:
+            w = np.asarray(weights, np.float64)
+            self._hard_p = w / w.sum()
 
     @property
     def num_positive_slices(self) -> int:
@@ -117,12 +135,15 @@ class CropSampler:
         ci, ks = self._positives[rng.integers(len(self._positives))] if positive else self._negatives[
             rng.integers(len(self._negatives))
         ]
+        box_index = None
+        if positive and self._hard_p is not None:  # weighted by box: hard nodules more often
+            ci, ks, box_index = self._hard_boxes[rng.choice(len(self._hard_boxes), p=self._hard_p)]
         case = self.cases[ci]
         h, w = case.windowed.shape[1:]
         boxes = case.boxes.get(ks, np.zeros((0, 4), np.float32))
         c = self.crop
         if positive and len(boxes):
-            b = boxes[rng.integers(len(boxes))]
+            b = boxes[rng.integers(len(boxes)) if box_index is None else box_index]
             # the crop contains the chosen box (when it fits), at a random place in the crop
             lo_x, hi_x = b[2] - c, b[0]
             lo_y, hi_y = b[3] - c, b[1]
@@ -137,6 +158,14 @@ class CropSampler:
             y0 = int(rng.integers(0, h - c + 1))
         image = self.stack(case, ks)[:, y0 : y0 + c, x0 : x0 + c]
         return image, crop_boxes(boxes, x0, y0, c, self.min_visible)
+
+
+HARD_MAX_DIAMETER_MM = 8.0
+
+
+def is_hard(nodule: NoduleTruth) -> bool:
+    """What the held-out misses are made of: nodules touching the pleura or a vessel, and small ones."""
+    return nodule.attachment != "isolated" or nodule.diameter_mm < HARD_MAX_DIAMETER_MM
 
 
 def crop_boxes(boxes: np.ndarray, x0: int, y0: int, size: int, min_visible: float) -> np.ndarray:

@@ -25,7 +25,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -340,19 +340,32 @@ def truth_slice_boxes(truth: CaseTruth, min_fraction: float = 0.5, min_radius_mm
     Pixel coordinates follow the serving pipeline: pixel (row i, column j) has its centre at x = j,
     y = i, so a box centre maps back to the nodule's LPS centre through ImagePositionPatient.
     """
+    out: dict[int, list[list[float]]] = {}
+    for k, _, box in _slice_boxes(truth, min_fraction, min_radius_mm):
+        out.setdefault(k, []).append(box)
+    return {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in sorted(out.items())}
+
+
+def truth_slice_nodules(truth: CaseTruth, min_fraction: float = 0.5, min_radius_mm: float = 1.0) -> dict[int, list[int]]:
+    """Per slice index, the index in ``truth.nodules`` of each box of ``truth_slice_boxes`` (same order)."""
+    out: dict[int, list[int]] = {}
+    for k, n, _ in _slice_boxes(truth, min_fraction, min_radius_mm):
+        out.setdefault(k, []).append(n)
+    return dict(sorted(out.items()))
+
+
+def _slice_boxes(truth: CaseTruth, min_fraction: float, min_radius_mm: float) -> Iterator[tuple[int, int, list[float]]]:
     g = truth.geometry
     row_sp, col_sp = g.pixel_spacing
     z = np.asarray(g.origin[2], np.float64) + np.arange(g.slices) * g.slice_spacing
-    out: dict[int, list[list[float]]] = {}
-    for n in truth.nodules:
+    for index, n in enumerate(truth.nodules):
         radius = n.diameter_mm / 2.0
         _, ci, cj = n.centre_voxel
         dz = z - n.centre_mm[2]
         r = np.sqrt(np.clip(radius**2 - dz**2, 0.0, None))
         for k in np.nonzero((r >= min_fraction * radius) & (r >= min_radius_mm) & (r > 0))[0]:
             rx, ry = r[k] / col_sp, r[k] / row_sp
-            out.setdefault(int(k), []).append([cj - rx, ci - ry, cj + rx, ci + ry])
-    return {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in sorted(out.items())}
+            yield int(k), index, [cj - rx, ci - ry, cj + rx, ci + ry]
 
 
 def slice_map(

@@ -63,6 +63,7 @@ class TrainConfig:
     ema_tau: float = 200.0  # EMA warm-up: decay ramps up over about this many steps
     grad_clip: float = 10.0
     p_positive: float = 0.6
+    hard_weight: float = 1.0  # juxtapleural / juxtavascular / < 8 mm nodules drawn this much more often
     window: str = "lung"
     k: int = 3
     model_size: int = 512
@@ -263,10 +264,13 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
     val_dirs = ensure_cases(data / "validation", [cfg.val_seed + i for i in range(cfg.val_cases)], phantom)
     train_cases = load_cases(train_dirs, cfg.window, cfg.workers)
     val_cases = load_cases(val_dirs, cfg.window, cfg.workers)
-    sampler = CropSampler(train_cases, crop=cfg.crop, k=cfg.k, p_positive=cfg.p_positive)
+    sampler = CropSampler(
+        train_cases, crop=cfg.crop, k=cfg.k, p_positive=cfg.p_positive, hard_weight=cfg.hard_weight
+    )
     val = ValSet.build(val_cases, cfg.k, cfg.val_slices_max, cfg.seed)
     print(
-        f"data: {len(train_cases)} training cases ({sampler.num_positive_slices} slices with nodules), "
+        f"data: {len(train_cases)} training cases ({sampler.num_positive_slices} slices with nodules, "
+        f"{sampler.num_hard_boxes} hard-nodule boxes weighted x{cfg.hard_weight:g}), "
         f"validation {len(val.images)} slices from {len(val_cases)} cases; device {device}, "
         f"{torch.get_num_threads()} threads",
         flush=True,
@@ -391,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--workers", type=int, default=d.workers,
                    help="processes that decode series and make batches (GPU nodes; 0 = none, resumes bit-exactly)")
+    p.add_argument("--hard-weight", type=float, default=d.hard_weight,
+                   help="draw boxes of juxtapleural / juxtavascular / < 8 mm nodules this many times as often")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
     p.add_argument("--release", type=Path, default=None, help="write the best EMA model here (fp16)")
     p.add_argument("--release-only", action="store_true", help="just write OUT/best.pt to --release and exit")
@@ -414,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         crop=args.crop, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
         pretrained=args.pretrained, device=args.device, threads=args.threads, workers=args.workers,
+        hard_weight=args.hard_weight,
     )
     train(cfg, resume=not args.no_resume, release=args.release, quiet=args.quiet)
     return 0

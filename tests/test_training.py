@@ -119,3 +119,29 @@ def test_training_with_worker_processes_decodes_and_batches_the_same_data(tmp_pa
     summary = train(cfg, quiet=True)
     assert summary["history"][0]["step"] == 3 and math.isfinite(summary["history"][0]["train"]["total"])
     assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_hard_weight_draws_hard_nodules_that_much_more_often() -> None:
+    """--hard-weight 4: a juxtapleural nodule's box is drawn 4x as often as an isolated 15 mm one's."""
+    from types import SimpleNamespace
+
+    from damoyolo.dataset import CaseData, CropSampler, is_hard
+
+    hard = SimpleNamespace(attachment="juxtapleural", diameter_mm=6.0)
+    easy = SimpleNamespace(attachment="isolated", diameter_mm=15.0)
+    assert is_hard(hard) and not is_hard(easy)
+    # slice k is filled with the value k, so a crop tells which slice it came from
+    windowed = np.repeat(np.arange(4, dtype=np.uint8)[:, None, None], 128, 1).repeat(128, 2)
+    box = np.array([[40, 40, 60, 60]], np.float32)
+    case = CaseData("c", windowed, {1: box, 2: box}, np.arange(4), SimpleNamespace(nodules=[hard, easy]),
+                    {1: [0], 2: [1]})
+
+    def hard_fraction(weight: float) -> float:
+        sampler = CropSampler([case], crop=64, k=1, p_positive=1.0, hard_weight=weight)
+        rng = np.random.default_rng(0)
+        drawn = [int(sampler.sample(rng)[0][0, 0, 0]) for _ in range(2000)]
+        assert set(drawn) <= {1, 2}
+        return drawn.count(1) / len(drawn)
+
+    assert hard_fraction(4.0) == pytest.approx(0.8, abs=0.04)
+    assert hard_fraction(1.0) == pytest.approx(0.5, abs=0.04)
