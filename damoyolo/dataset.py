@@ -98,7 +98,7 @@ class CropSampler:
     hard_weight: float = 1.0
     _positives: list[tuple[int, int]] = field(init=False, default_factory=list)
     _negatives: list[tuple[int, int]] = field(init=False, default_factory=list)
-    _hard_boxes: list[tuple[int, int, int]] = field(init=False, default_factory=list)  # (case, slice, box)
+    _boxes: list[tuple[int, int, int]] = field(init=False, default_factory=list)  # (case, slice, box)
     _hard_p: np.ndarray | None = field(init=False, default=None)
     num_hard_boxes: int = field(init=False, default=0)  # boxes (slice x nodule) of hard nodules
 
@@ -110,7 +110,7 @@ class CropSampler:
             self._negatives += [(ci, int(k)) for k in lung]
             for k, nodules in case.box_nodules.items():
                 for j, n in enumerate(nodules):
-                    self._hard_boxes.append((ci, k, j))
+                    self._boxes.append((ci, k, j))
                     hard = is_hard(case.truth.nodules[n])
                     self.num_hard_boxes += hard
                     weights.append(self.hard_weight if hard else 1.0)
@@ -132,12 +132,13 @@ class CropSampler:
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One crop: uint8 [k, crop, crop] and boxes [M, 4] in crop pixels."""
         positive = self._positives and rng.random() < self.p_positive
-        ci, ks = self._positives[rng.integers(len(self._positives))] if positive else self._negatives[
-            rng.integers(len(self._negatives))
-        ]
         box_index = None
-        if positive and self._hard_p is not None:  # weighted by box: hard nodules more often
-            ci, ks, box_index = self._hard_boxes[rng.choice(len(self._hard_boxes), p=self._hard_p)]
+        if not positive:
+            ci, ks = self._negatives[rng.integers(len(self._negatives))]
+        elif self._hard_p is None:  # every positive slice equally likely (one draw, as stage 1 did)
+            ci, ks = self._positives[rng.integers(len(self._positives))]
+        else:  # weighted by box: hard nodules more often
+            ci, ks, box_index = self._boxes[rng.choice(len(self._boxes), p=self._hard_p)]
         case = self.cases[ci]
         h, w = case.windowed.shape[1:]
         boxes = case.boxes.get(ks, np.zeros((0, 4), np.float32))

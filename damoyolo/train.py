@@ -128,7 +128,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
     def __init__(self, sampler: CropSampler, batch_size: int, aug: AugmentConfig, seed: int, step: int) -> None:
         self.sampler, self.batch_size, self.aug, self.seed, self.step = sampler, batch_size, aug, seed, step
 
-    def __iter__(self):  # noqa: ANN204 - a generator of (images, targets)
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
         info = torch.utils.data.get_worker_info()
         # seeded by run seed, resume step and worker: reproducible per run, different after a resume
         rng = np.random.default_rng([self.seed, self.step, info.id if info else 0])

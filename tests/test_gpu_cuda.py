@@ -65,9 +65,10 @@ def test_cuda_fp16_keeps_the_confident_detections(trained: torch.nn.Module) -> N
     scores32, boxes32 = model(x)
     scores16, boxes16 = model.half()(x.half())
     assert (scores16.float() - scores32).abs().max() < 2e-2
-    confident = scores32[..., 0] > 0.3
-    if confident.any():  # the boxes that would be reported move by well under a pixel
-        assert (boxes16.float()[confident] - boxes32[confident]).abs().max() < 1.0
+    # the 20 best-scored boxes of each image (what NMS would report first) move by well under a pixel
+    top = scores32[..., 0].topk(20, dim=1).indices
+    rows = torch.arange(len(x), device=x.device)[:, None]
+    assert (boxes16.float()[rows, top] - boxes32[rows, top]).abs().max() < 1.0
 
 
 def test_cuda_training_step_computes_the_cpu_loss_and_gradients() -> None:
