@@ -60,12 +60,14 @@ def ensure_case(case_dir: Path) -> Path:
 
 
 def ensure_repository(repository: Path) -> Path:
-    """The CPU model repository; built from the committed checkpoint (``ctlesion build-repo``) if missing."""
-    if (repository / "lesion_detection" / "config.pbtxt").exists():
+    """The CPU model repository. The default one is (re)built from the committed checkpoint whenever
+    the checkpoint, the model code or the settings changed (``build-repo --if-stale``: a no-op when
+    current); a repository the user names is served as it is."""
+    if repository.resolve() != DEFAULT_REPOSITORY.resolve() and (repository / "lesion_detection" / "config.pbtxt").exists():
         return repository
     from ctlesion_export import build_repo
 
-    print(f"building the CPU model repository {repository} from the committed checkpoint ...", flush=True)
+    print(f"checking the CPU model repository {repository} against the committed checkpoint ...", flush=True)
     rc = build_repo.main(["--target", "cpu", "--out", str(repository), "--if-stale"])
     if rc != 0:
         raise RuntimeError(f"ctlesion build-repo failed with exit code {rc}")

@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -309,6 +310,21 @@ def _compute_capability_from_name(name: str) -> str | None:
     return None
 
 
+def export_if_changed(checkpoint: Path, onnx_path: Path, export: Callable[[Path, Path], object]) -> bool:
+    """Export ``checkpoint`` to ``onnx_path`` unless that ONNX was made from these very bytes.
+
+    Decided by content (sha256 kept beside the ONNX), not by modification times: a checkpoint
+    replaced by ``cp``, ``git checkout`` or a download can carry any mtime. True when it exported.
+    """
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    source = onnx_path.with_name(onnx_path.name + ".source")
+    if onnx_path.exists() and source.exists() and source.read_text() == digest:
+        return False
+    export(checkpoint, onnx_path)
+    source.write_text(digest)
+    return True
+
+
 def fingerprint(paths: list[Path], cfg: RepoConfig) -> str:
     digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
     for path in sorted(paths):
@@ -402,8 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             from ctlesion_export.cli import export_checkpoint
 
             onnx_path = REPO_ROOT / "work" / "onnx" / (args.checkpoint.stem + ".onnx")
-            if not onnx_path.exists() or onnx_path.stat().st_mtime < args.checkpoint.stat().st_mtime:
-                export_checkpoint(args.checkpoint, onnx_path)
+            export_if_changed(args.checkpoint, onnx_path, export_checkpoint)
         stamp = args.out / ".fingerprint"
         fp = fingerprint([onnx_path, *sources, *(args.engine or [])], cfg)
         if args.if_stale and stamp.exists() and stamp.read_text() == fp:

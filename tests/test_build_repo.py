@@ -183,3 +183,30 @@ def test_parse_count_refuses(text: str) -> None:
 
     with pytest.raises(argparse.ArgumentTypeError):
         parse_count(text)
+
+
+@pytest.mark.slow
+def test_a_replaced_checkpoint_is_re_exported_whatever_its_mtime(tmp_path: Path) -> None:
+    """build-repo's ONNX cache follows the checkpoint's bytes: a new checkpoint with an old mtime is exported."""
+    import os
+    import shutil
+
+    from ctlesion_export.build_repo import DEFAULT_CHECKPOINT, export_if_changed
+    from ctlesion_export.cli import export_checkpoint
+
+    if not DEFAULT_CHECKPOINT.exists():
+        pytest.skip(f"no trained checkpoint at {DEFAULT_CHECKPOINT}")
+    checkpoint, onnx_path = tmp_path / "detector.pt", tmp_path / "detector.onnx"
+    shutil.copyfile(DEFAULT_CHECKPOINT, checkpoint)
+    assert export_if_changed(checkpoint, onnx_path, export_checkpoint)
+    first = onnx_path.read_bytes()
+    assert not export_if_changed(checkpoint, onnx_path, export_checkpoint)  # same bytes: kept
+
+    state = torch.load(checkpoint, weights_only=True)
+    key = next(k for k in state["model"] if k.endswith("gfl_cls.0.bias"))
+    state["model"][key] += 1.0
+    torch.save(state, checkpoint)
+    old = onnx_path.stat().st_mtime - 3600
+    os.utime(checkpoint, (old, old))  # older than the ONNX, as after `cp` or `git checkout` of an old commit
+    assert export_if_changed(checkpoint, onnx_path, export_checkpoint)
+    assert onnx_path.read_bytes() != first
