@@ -29,7 +29,7 @@ from preprocess_backend.dicom_io import DecodedSlice, DicomHeader, read_header
 from preprocess_backend.errors import DicomInputError
 from preprocess_backend.lesions import link_lesions
 from preprocess_backend.pipeline import detections_from_arrays
-from preprocess_backend.series import SeriesGeometry, assemble_series
+from preprocess_backend.series import SeriesGeometry, assemble_series, slice_from_header
 from preprocess_backend.types import Detection, Options
 
 InputItem = str | Path | bytes | bytearray | memoryview | pydicom.Dataset
@@ -184,25 +184,8 @@ def select_series(items: Sequence[SeriesItem], series_uid: str | None = None) ->
 
 
 def _header_slice(index: int, h: DicomHeader) -> DecodedSlice:
-    # assemble_series orders DecodedSlices; a header has no pixels, so a zero-stride view of the
-    # right shape stands in for them (no memory) and the ordering is exactly the server's.
-    shape = (max(h.rows, 1), max(h.columns, 1))
-    return DecodedSlice(
-        hu=np.broadcast_to(np.float32(0.0), shape),
-        source=h.source,
-        sop_instance_uid=h.sop_instance_uid,
-        series_instance_uid=h.series_instance_uid,
-        study_instance_uid=h.study_instance_uid,
-        frame_of_reference_uid=h.frame_of_reference_uid,
-        modality=h.modality,
-        photometric=h.photometric,
-        pixel_spacing=h.pixel_spacing,
-        position=h.position,
-        orientation=h.orientation,
-        slice_thickness=h.slice_thickness,
-        instance_number=h.instance_number,
-        extra={"item": index},
-    )
+    # the server's ordering on headers only: one implementation in preprocess_backend.series
+    return slice_from_header(h, item=index)
 
 
 # ----------------------------------------------------------------------------- the prepared series

@@ -77,7 +77,7 @@ def ensure_repository(repository: Path) -> Path:
 def truth_table(lesions: Sequence[Any], truth: Any) -> tuple[str, dict[str, Any]]:
     """Each truth nodule next to the finding that hits it (LUNA16: lesion centre strictly within the
     nodule's radius of its centre), and which findings hit nothing (false positives)."""
-    from ctlesion_phantoms.matching import match_lesions
+    from preprocess_backend.matching import match_lesions
 
     match = match_lesions(lesions, truth)
     finding_of: dict[int, list[int]] = {}

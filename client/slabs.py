@@ -1,60 +1,6 @@
-"""Cut an ordered series into slabs of consecutive slices with a halo of context slices.
+"""Slab planning moved to ``preprocess_backend.slabs`` (one implementation shared by the client and the
+evaluation runner); re-exported here so ``ctlesion_client.slabs`` keeps working."""
 
-Each slab *owns* ``slab_size`` slices (the last one fewer); ``halo`` extra slices at each end are
-sent too, so the 2.5D stack of every owned slice sees its real neighbours instead of the
-edge-replicated padding the server applies at a request's ends. Detections on halo slices are
-dropped client-side, so each slice is counted exactly once (by the slab that owns it).
-"""
+from preprocess_backend.slabs import SlabPlan, plan_slabs
 
-from __future__ import annotations
-
-from dataclasses import asdict, dataclass
-from typing import Any
-
-
-@dataclass(frozen=True)
-class SlabPlan:
-    """Series indices: owned ``[start, stop)``, sent ``[send_start, send_stop)`` (owned + halo)."""
-
-    index: int
-    start: int
-    stop: int
-    send_start: int
-    send_stop: int
-
-    @property
-    def owned(self) -> range:
-        return range(self.start, self.stop)
-
-    @property
-    def sent(self) -> range:
-        return range(self.send_start, self.send_stop)
-
-    @property
-    def size(self) -> int:
-        return self.send_stop - self.send_start
-
-    def owns(self, series_index: int) -> bool:
-        return self.start <= series_index < self.stop
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def plan_slabs(num_slices: int, slab_size: int = 16, halo: int = 1) -> list[SlabPlan]:
-    """Consecutive owned ranges of ``slab_size`` covering ``0..num_slices-1``, each with its halo.
-
-    The halo is clipped at the series ends (there are no neighbours there; the server
-    edge-replicates exactly as it would for the whole series).
-    """
-    if num_slices < 0:
-        raise ValueError("num_slices must be >= 0")
-    if slab_size < 1:
-        raise ValueError("slab_size must be >= 1")
-    if halo < 0:
-        raise ValueError("halo must be >= 0")
-    plans = []
-    for i, start in enumerate(range(0, num_slices, slab_size)):
-        stop = min(start + slab_size, num_slices)
-        plans.append(SlabPlan(i, start, stop, max(0, start - halo), min(num_slices, stop + halo)))
-    return plans
+__all__ = ["SlabPlan", "plan_slabs"]

@@ -6,7 +6,7 @@ edge-replicated ends), so training and serving cannot drift apart. A series is k
 windowed uint8 slices [Z, H, W] (one channel); the 2.5D stack is gathered per sample with the
 same ``stack_indices`` the server uses.
 
-Truth boxes come from ``damoyolo.evaluate.truth_slice_boxes`` (the sphere's cross-section on each
+Truth boxes come from ``damoyolo.eval.truth_geometry.truth_slice_boxes`` (the sphere's cross-section on each
 slice; thin end caps get no box), the same function evaluation scores against.
 """
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ctlesion_phantoms import CaseTruth, PhantomConfig, generate_case
 from ctlesion_phantoms.truth import NoduleTruth
 from ctlesion_phantoms.volume import default_case_id
-from damoyolo.evaluate import truth_slice_boxes, truth_slice_nodules
+from damoyolo.eval.truth_geometry import truth_slice_boxes, truth_slice_nodules
 from preprocess_backend.masks import LUNG
 from preprocess_backend.pipeline import decode_items, preprocess_decoded
 from preprocess_backend.stacking import stack_indices

@@ -193,7 +193,7 @@ def validate(model: torch.nn.Module, val: ValSet, device: torch.device, batch: i
         scores, boxes = model(x)
         for s, b in zip(scores.cpu().numpy(), boxes.cpu().numpy(), strict=True):
             preds.append(threshold_nms(s, b, score_threshold=0.05, iou_threshold=0.2))
-    from damoyolo.evaluate import slice_map  # lazy: pycocotools is only needed once validation runs
+    from damoyolo.eval.slice_map import slice_map  # lazy: pycocotools is only needed once validation runs
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its whole summary table
         metrics = slice_map(preds, [(g, np.zeros(len(g), np.int64)) for g in val.boxes])

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from preprocess_backend.dicom_io import DecodedSlice, slice_normal
+from preprocess_backend.dicom_io import DecodedSlice, DicomHeader, slice_normal
 from preprocess_backend.errors import DicomInputError
 
 POSITION_TOL_MM = 0.01  # two slices closer than this along the normal are duplicates
@@ -220,3 +220,32 @@ def assemble_series(slices: Sequence[DecodedSlice], allow_mixed: bool = False) -
         for i in np.nonzero(d > GAP_FACTOR * median)[0]:
             report.gaps.append((int(i), float(d[i])))
     return Series(uid, ordered, z, report)
+
+
+def slice_from_header(h: DicomHeader, **extra: Any) -> DecodedSlice:
+    """A header as a pixel-less ``DecodedSlice`` so ``assemble_series`` orders headers exactly as it
+    orders decoded slices (the client and the evaluation runner order series this way).
+
+    A zero-stride view of the right shape stands in for the pixels (no memory).
+    """
+    return DecodedSlice(
+        hu=np.broadcast_to(np.float32(0.0), (max(h.rows, 1), max(h.columns, 1))),
+        source=h.source,
+        sop_instance_uid=h.sop_instance_uid,
+        series_instance_uid=h.series_instance_uid,
+        study_instance_uid=h.study_instance_uid,
+        frame_of_reference_uid=h.frame_of_reference_uid,
+        modality=h.modality,
+        photometric=h.photometric,
+        pixel_spacing=h.pixel_spacing,
+        position=h.position,
+        orientation=h.orientation,
+        slice_thickness=h.slice_thickness,
+        instance_number=h.instance_number,
+        extra=dict(extra),
+    )
+
+
+def assemble_headers(headers: Sequence[DicomHeader], allow_mixed: bool = False) -> Series:
+    """``assemble_series`` on headers only; each slice's ``extra["item"]`` is its index in ``headers``."""
+    return assemble_series([slice_from_header(h, item=i) for i, h in enumerate(headers)], allow_mixed)

@@ -1,0 +1,200 @@
+"""The whole evaluation on held-out cases: run the serving pipeline, score FROC / CPM and slice mAP,
+write metrics.json and froc.png, and format the text report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctlesion_phantoms.config import PhantomConfig
+from ctlesion_phantoms.splits import TEST_SEED, split_of
+from ctlesion_phantoms.truth import CaseTruth
+from damoyolo.eval.froc import (
+    TARGET_FP_RATE,
+    TARGET_MIN_DIAMETER_MM,
+    CaseResult,
+    FrocResult,
+    case_result,
+    froc,
+    json_num,
+    rate_label,
+)
+from damoyolo.eval.plots import plot_froc
+from damoyolo.eval.runner import (
+    ModelInfo,
+    PredictFn,
+    eval_options,
+    onnx_predictor,
+    run_detector_on_case,
+    torch_predictor,
+)
+from damoyolo.eval.slice_map import slice_map, slice_map_inputs
+from preprocess_backend.types import Options
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationReport:
+    model: ModelInfo
+    cases: int
+    froc_target: FrocResult  # nodules >= TARGET_MIN_DIAMETER_MM (the model card's target set)
+    froc_all: FrocResult  # every nodule
+    slice_map: dict[str, float]
+    seconds: float
+    options: dict[str, Any]
+    per_case: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def target_met(self) -> bool:
+        return self.froc_target.cpm >= 0.90 and self.froc_target.sensitivity_at_target >= 0.95
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": asdict(self.model),
+            "cases": self.cases,
+            "target": {"cpm_min": 0.90, "sensitivity_at_4fp_min": 0.95, "min_diameter_mm": TARGET_MIN_DIAMETER_MM, "met": self.target_met},
+            "froc_target": self.froc_target.to_dict(),
+            "froc_all": self.froc_all.to_dict(),
+            "slice_map": {k: json_num(v) for k, v in self.slice_map.items()},
+            "seconds": self.seconds,
+            "options": self.options,
+            "per_case": self.per_case,
+        }
+
+
+def ensure_cases(
+    cases_dir: Path, cases: int, seed: int, progress: bool = True, config: PhantomConfig | None = None
+) -> list[Path]:
+    """The case folders of ``cases`` phantoms with seeds seed..seed+cases-1, generated if missing.
+
+    ``config`` (default: the generator's realistic defaults) only matters when cases are generated.
+    """
+    from ctlesion_phantoms import generate_dataset
+
+    cases_dir = Path(cases_dir)
+    manifest_path = cases_dir / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        entries = manifest.get("cases", [])
+        if manifest.get("seed") == seed and len(entries) >= cases:
+            dirs = [cases_dir / e["case_id"] for e in entries[:cases]]
+            if all((d / "truth.json").exists() for d in dirs):
+                return dirs
+        if manifest.get("seed") != seed:
+            raise ValueError(f"{cases_dir} holds cases of seed {manifest.get('seed')}, not {seed}: choose another --cases-dir")
+    log.info("generating %d held-out cases (seed %d) into %s", cases, seed, cases_dir)
+    bar = _tqdm(total=cases, desc="generate", disable=not progress)
+    manifest = generate_dataset(cases_dir, cases, seed, config, on_case=lambda _: bar.update(1))
+    bar.close()
+    return [cases_dir / e["case_id"] for e in manifest["cases"]]
+
+
+def _tqdm(**kw: Any) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, **kw)
+
+
+def evaluate(
+    model_path: Path,
+    cases_dir: Path | None,
+    out_dir: Path,
+    cases: int = 20,
+    seed: int = TEST_SEED,
+    onnx: bool | None = None,
+    device: str = "cpu",
+    options: Options | None = None,
+    bootstrap: int = 1000,
+    progress: bool = True,
+    predictor: tuple[PredictFn, ModelInfo] | None = None,
+    phantom_config: PhantomConfig | None = None,
+) -> EvaluationReport:
+    """Evaluate a checkpoint (``.pt``) or ONNX file on held-out phantoms; writes metrics.json + froc.png.
+
+    ``cases_dir`` (default ``out_dir/cases``) holds the phantoms of seeds seed..seed+cases-1; they are
+    generated when missing. ``predictor`` overrides loading ``model_path`` (tests pass a fake).
+    """
+    if split_of(seed) in ("train", "validation"):
+        log.warning("seed %d lies in the %s range: these are not held-out cases", seed, split_of(seed))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if predictor is None:
+        onnx = Path(model_path).suffix.lower() == ".onnx" if onnx is None else onnx
+        predictor = onnx_predictor(Path(model_path)) if onnx else torch_predictor(Path(model_path), device)
+    predict_fn, info = predictor
+    options = options or eval_options(window=info.window, model_size=info.model_size, k=info.in_channels)
+    case_dirs = ensure_cases(Path(cases_dir) if cases_dir else out_dir / "cases", cases, seed, progress, phantom_config)
+
+    t0 = time.perf_counter()
+    results: list[CaseResult] = []
+    map_preds: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    map_gts: list[tuple[np.ndarray, np.ndarray]] = []
+    per_case: list[dict[str, Any]] = []
+    for case_dir in _tqdm(iterable=case_dirs, desc="evaluate", unit="case", disable=not progress):
+        truth = CaseTruth.load(case_dir / "truth.json")
+        tc = time.perf_counter()
+        dets, lesions = run_detector_on_case(predict_fn, case_dir, options)
+        cr = case_result(lesions, truth)
+        results.append(cr)
+        p, g = slice_map_inputs(dets, truth)
+        map_preds += p
+        map_gts += g
+        per_case.append(
+            {
+                "case_id": truth.case_id,
+                "seed": truth.seed,
+                "slices": truth.geometry.slices,
+                "nodules": [{"nodule_id": n.nodule_id, "diameter_mm": n.diameter_mm, "type": n.type, "attachment": n.attachment} for n in truth.nodules],
+                "detections": len(dets),
+                "lesions": len(lesions),
+                "seconds": round(time.perf_counter() - tc, 2),
+                "match": cr.match.to_dict(),
+            }
+        )
+    report = EvaluationReport(
+        model=info,
+        cases=len(case_dirs),
+        froc_target=froc(results, TARGET_MIN_DIAMETER_MM, bootstrap=bootstrap),
+        froc_all=froc(results, 0.0, bootstrap=bootstrap),
+        slice_map=slice_map(map_preds, map_gts),
+        seconds=round(time.perf_counter() - t0, 1),
+        options=options.to_dict(),
+        per_case=per_case,
+    )
+    (out_dir / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    plot_froc({f"nodules >= {TARGET_MIN_DIAMETER_MM:g} mm": report.froc_target, "all nodules": report.froc_all}, out_dir / "froc.png", title=Path(info.source).name)
+    return report
+
+
+
+def format_report(report: EvaluationReport) -> str:
+    def ci(v: tuple[float, float] | None) -> str:
+        return "" if v is None else f" [{v[0]:.3f}, {v[1]:.3f}]"
+
+    lines = [f"model {report.model.source} ({report.model.backend}), {report.cases} cases, {report.seconds:.0f} s"]
+    for name, r in (("nodules >= 4 mm (target)", report.froc_target), ("all nodules", report.froc_all)):
+        lines.append("")
+        lines.append(f"{name}: {r.nodules} nodules in {r.scans} scans, {r.candidates} candidates, {r.false_positives} FP candidates")
+        lines.append(f"  CPM {r.cpm:.3f}{ci(r.cpm_ci)}")
+        lines.append("  FP/scan      " + "".join(f"{rate_label(x):>8}" for x in r.fp_rates))
+        lines.append("  sensitivity  " + "".join(f"{s:8.3f}" for s in r.sensitivities))
+        thr = f"score >= {r.threshold_at_target:.3f}" if math.isfinite(r.threshold_at_target) else "no candidate"
+        lines.append(f"  at {TARGET_FP_RATE:g} FP/scan ({thr}):")
+        for kind, groups in r.breakdown.items():
+            cells = ", ".join(f"{g} {s.detected}/{s.nodules}" for g, s in groups.items() if s.nodules)
+            lines.append(f"    {kind:<11} {cells}")
+    m = report.slice_map
+    lines.append("")
+    lines.append(f"slice mAP@0.5 {m['map50']:.3f}, mAP@.5:.95 {m['map50_95']:.3f} ({int(m['truth_boxes'])} truth boxes on {int(m['images'])} slices)")
+    lines.append(f"target (CPM >= 0.90 and sensitivity >= 0.95 at 4 FP/scan, nodules >= 4 mm): {'met' if report.target_met else 'NOT met'}")
+    return "\n".join(lines)
+
