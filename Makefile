@@ -9,7 +9,7 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -q
+	CTLESION_REQUIRE_REAL_PARTS=1 .venv/bin/python -m pytest -q
 
 lint:
 	.venv/bin/ruff check .
