@@ -1,16 +1,27 @@
 """DICOM Part-10 bytes or files -> float32 modality values (HU for CT) plus geometry and UIDs.
 
-Every failure is a ``DicomInputError`` naming the file or SOPInstanceUID. Sizes are checked on the
-header (``Limits``) before pixel data is decoded: a 2 KB header may claim gigabytes.
+Every failure is a ``DicomInputError`` naming the file or SOPInstanceUID. Work is bounded before it
+is done: sizes are checked on the header (``Limits``) before pixel data is decoded (a 2 KB header may
+claim gigabytes), a deflated data set is inflated incrementally up to a byte bound, header parsing
+runs under a deadline (200 MB of empty elements would otherwise take pydicom a minute), and
+compressed pixel data is decoded only when its decoded size fits about a second of decoding.
+
+Every header value the pipeline computes with is validated (``_geometry``, ``_check_image``,
+``_modality_lut``, ``_voi``): impossible values refuse the item, odd but legal ones are kept and,
+where a real archive needs leniency (an empty SOPInstanceUID), the item carries a warning.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import subprocess
+import tempfile
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -20,7 +31,32 @@ from pydicom.uid import UID
 from preprocess_backend.errors import DicomInputError, LimitExceeded
 from preprocess_backend.types import Limits
 
+if TYPE_CHECKING:
+    from preprocess_backend.contract import ModelContract
+
 DEFAULT_LIMITS = Limits()
+
+# Work bounds per item that hold whatever the Limits say (a Limits attribute of the same name wins).
+PARSE_DEADLINE_S = 1.0  # header parsing; a real CT header parses in milliseconds
+MAX_INFLATED_BYTES = 256 * 1024 * 1024  # a deflated data set may inflate to at most this (zlib: ~0.3 s)
+# Compressed pixel data decodes at ~14 MB/s of output here (JPEG 2000, 512 x 512 x 16 bit: 37 ms),
+# so 16 MiB is about a second; larger compressed items (long Enhanced CT) are refused before decoding.
+MAX_COMPRESSED_DECODED_BYTES = 16 * 1024 * 1024
+DCMDJPEG_TIMEOUT_S = 5.0  # dcmtk's decoder for 12-bit JPEG Extended, run as a subprocess
+JPEG_EXTENDED_12BIT = "1.2.840.10008.1.2.4.51"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+PHOTOMETRICS = (  # PS3.3 C.7.6.3.1.2 defined terms (retired ones refused as unknown)
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420",
+    "YBR_ICT", "YBR_RCT",
+)
+MAX_SPACING_MM = 500.0  # physically plausible pixel / slice size bounds (the model contract is tighter)
+MIN_SPACING_MM = 1e-3
+MAX_ABS_SLOPE = 1e4  # rescale slopes of real images are 1e-3..1e2; 1e30 or NaN is a broken header
+MIN_ABS_SLOPE = 1e-8
+MAX_ABS_INTERCEPT = 1e6
+MAX_ABS_POSITION_MM = 1e6
+DIRECTION_TOL = 1e-2  # |row|, |col| within 1 % of unit length and |row . col| below this
 
 # Little-endian native syntaxes whose PixelData we map with np.frombuffer (the hot path for CT).
 _NATIVE_LE = {
@@ -54,6 +90,7 @@ class DicomHeader:
     orientation: tuple[float, float, float, float, float, float] | None  # ImageOrientationPatient
     slice_thickness: float | None
     instance_number: int | None
+    warnings: list[str] = field(default_factory=list)  # leniency applied to this item (say it in results)
 
     @property
     def normal(self) -> np.ndarray | None:
@@ -86,7 +123,22 @@ class DecodedSlice:
     rescale_intercept: float = 0.0
     signed: bool = False
     bits_stored: int = 16
+    pixel_padding_value: float | None = None  # PixelPaddingValue in modality units (kept as stored, HU for CT)
+    warnings: list[str] = field(default_factory=list)  # leniency applied to this item (say it in results)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Integer stored values (BitsStored applied) when hu = stored * rescale_slope + rescale_intercept
+    # (grayscale, no Modality LUT Sequence), else None: preprocessing windows them with one lookup
+    # plan instead of a float pass. With ``decode_frames(with_hu=False)`` ``hu`` is not computed
+    # (``hu_deferred``; a zero-stride NaN of the right shape): call ``modality_values()``.
+    stored: np.ndarray | None = None
+    hu_deferred: bool = False
+
+    def modality_values(self) -> np.ndarray:
+        """``hu``, computed from ``stored`` on first use when decoding deferred it."""
+        if self.hu_deferred and self.stored is not None:
+            self.hu = _rescale(self.stored, self.rescale_slope, self.rescale_intercept)
+            self.hu_deferred = False
+        return self.hu
 
     @property
     def rows(self) -> int:
@@ -109,6 +161,16 @@ class DecodedSlice:
         if self.window_centers and self.window_widths:
             return self.window_centers[0], self.window_widths[0]
         return None
+
+
+def _rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """float32 modality values of integer stored values (the one place this arithmetic lives)."""
+    hu = stored.astype(np.float32)  # one float32 copy; the in-place ops below reuse it
+    if slope != 1.0:
+        hu *= np.float32(slope)
+    if intercept != 0.0:
+        hu += np.float32(intercept)
+    return hu
 
 
 def slice_normal(orientation: tuple[float, ...] | np.ndarray) -> np.ndarray:
@@ -145,17 +207,102 @@ def _read_bytes(data: bytes | bytearray | memoryview | str | Path, source: str |
     return bytes(data), source or ""
 
 
-def _parse(raw: bytes, source: str, stop_before_pixels: bool) -> Dataset:
-    label = source or f"<{len(raw)} bytes>"
-    if len(raw) < 132 or raw[128:132] != b"DICM":
+def _bound(limits: Limits, name: str, default: float) -> float:
+    """A work bound: the Limits attribute of that name if a deployment configures one, else the default."""
+    return float(getattr(limits, name, default))
+
+
+class _ParseTimeout(Exception):
+    pass
+
+
+class _DeadlineReader:
+    """A binary stream whose reads fail after a deadline: pydicom reads every element (nested
+    sequence items included) through ``read``, so parsing any header is bounded in time."""
+
+    def __init__(self, stream: BinaryIO, seconds: float) -> None:
+        self._stream = stream
+        self._deadline = time.monotonic() + seconds
+        self.elements_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.elements_read += 1
+        if time.monotonic() > self._deadline:
+            raise _ParseTimeout
+        return self._stream.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+
+def _inflate(body: bytes, label: str, max_bytes: int) -> bytes:
+    """Raw-deflate ``body`` incrementally, refusing before more than ``max_bytes`` are produced."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+        if len(out) <= max_bytes and not inflater.unconsumed_tail:
+            out += inflater.flush(max_bytes + 1 - len(out))
+    except zlib.error as exc:
+        raise DicomInputError(label, f"unreadable DICOM (deflated data set: zlib error: {exc})") from None
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise LimitExceeded(
+            label, f"deflated data set inflates to more than {max_bytes} bytes ({len(body)} bytes compressed); refused"
+        )
+    return out
+
+
+def _parse(
+    src: bytes | BinaryIO, source: str, stop_before_pixels: bool, limits: Limits | None = None
+) -> Dataset:
+    """Parse a Part-10 stream, bounded: deflate inflated up to a byte bound, the parse under a deadline."""
+    limits = limits or DEFAULT_LIMITS
+    fp: BinaryIO = io.BytesIO(src) if isinstance(src, bytes | bytearray) else src
+    head = fp.read(132)
+    label = source or (f"<{len(src)} bytes>" if isinstance(src, bytes | bytearray) else "<stream>")
+    if len(head) < 132 or head[128:132] != b"DICM":
         raise DicomInputError(label, "not a DICOM Part-10 file (no 'DICM' preamble)")
+    syntax = ""
+    try:
+        from pydicom.filereader import _read_file_meta_info
+
+        meta = _read_file_meta_info(fp)
+        syntax = str(meta.get("TransferSyntaxUID", ""))
+    except Exception:  # let dcmread report a broken meta group its own way
+        meta = None
+    deadline = _bound(limits, "parse_deadline_s", PARSE_DEADLINE_S)
+    if syntax == DEFLATED and meta is not None:
+        # pydicom would zlib.decompress the whole body at once (a 200 KB bomb -> 200 MB): inflate here,
+        # bounded, and hand pydicom the equivalent explicit VR little endian stream.
+        max_inflated = int(min(_bound(limits, "max_inflated_bytes", MAX_INFLATED_BYTES), limits.max_decoded_bytes))
+        body = fp.read(limits.max_request_bytes + 1)
+        inflated = _inflate(body, label, max_inflated)
+        from pydicom.filebase import DicomBytesIO
+        from pydicom.filewriter import write_file_meta_info
+        from pydicom.uid import ExplicitVRLittleEndian
+
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        buf = DicomBytesIO()
+        write_file_meta_info(buf, meta, enforce_standard=False)
+        fp = io.BytesIO(head + buf.getvalue() + inflated)
+    else:
+        fp.seek(0)
+    reader = _DeadlineReader(fp, deadline)
     try:
         # Raw element bytes are read now; values convert lazily, so every later access goes via _get.
-        ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(reader, stop_before_pixels=stop_before_pixels)  # type: ignore[arg-type]
     except DicomInputError:
         raise
+    except _ParseTimeout:
+        raise LimitExceeded(
+            label, f"header parsing exceeded {deadline:g} s ({reader.elements_read} reads): refused"
+        ) from None
     except Exception as exc:  # pydicom raises many types (EOFError, struct.error, ValueError, ...)
         raise DicomInputError(label, f"unreadable DICOM ({_why(exc)})") from None
+    if syntax == DEFLATED:
+        ds.file_meta.TransferSyntaxUID = DEFLATED  # what the sender wrote; pixels are native after inflation
     return ds
 
 
@@ -222,30 +369,71 @@ def _functional(ds: Dataset, frame: int, seq: str) -> Dataset | None:
     return None
 
 
-def _geometry(ds: Dataset, frame: int) -> dict[str, Any]:
+def _show(value: Any) -> str:
+    """A header value as it reads in a refusal (multi-values joined, at most 60 characters)."""
+    items = value if hasattr(value, "__iter__") and not isinstance(value, str | bytes) else [value]
+    return "\\".join(str(v) for v in items)[:60]
+
+
+def _numbers(src: Dataset, name: str, n: int, label: str) -> tuple[float, ...] | None:
+    """``n`` finite numbers, None when absent; present but not ``n`` finite numbers refuses the item."""
+    value = _get(src, name)
+    if value is None:
+        return None
+    vals = _floats(value, n)
+    if vals is None:
+        raise DicomInputError(label, f"{name} '{_show(value)}' is not {n} finite number{'s' if n > 1 else ''}")
+    return vals
+
+
+def _geometry(ds: Dataset, frame: int, label: str = "", warnings: list[str] | None = None) -> dict[str, Any]:
+    """Spacing, position, orientation, thickness: absent -> None; impossible -> ``DicomInputError``."""
     position_src = _functional(ds, frame, "PlanePositionSequence") or ds
     orient_src = _functional(ds, frame, "PlaneOrientationSequence") or ds
     measures = _functional(ds, frame, "PixelMeasuresSequence") or ds
-    spacing = _floats(_get(measures, "PixelSpacing"), 2) or _floats(_get(ds, "PixelSpacing"), 2)
+    spacing = _numbers(measures, "PixelSpacing", 2, label)
+    if spacing is None and measures is not ds:
+        spacing = _numbers(ds, "PixelSpacing", 2, label)
     if spacing is None:  # projection radiographs: spacing at the detector
-        spacing = _floats(_get(ds, "ImagerPixelSpacing"), 2)
-    if spacing is not None and not all(s > 0 for s in spacing):
-        spacing = None
-    orientation = _floats(_get(orient_src, "ImageOrientationPatient"), 6)
-    if orientation is not None and not np.any(slice_normal(orientation)):
-        orientation = None
+        spacing = _numbers(ds, "ImagerPixelSpacing", 2, label)
+    if spacing is not None and not all(MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
+        raise DicomInputError(
+            label, f"PixelSpacing {_show(spacing)} mm is impossible (each must be in {MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm)"
+        )
+    orientation = _numbers(orient_src, "ImageOrientationPatient", 6, label)
+    if orientation is not None:
+        row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+        nr, nc, dot = float(np.linalg.norm(row)), float(np.linalg.norm(col)), float(abs(row @ col))
+        if abs(nr - 1) > DIRECTION_TOL or abs(nc - 1) > DIRECTION_TOL or dot > DIRECTION_TOL:
+            raise DicomInputError(
+                label, f"ImageOrientationPatient {_show(orientation)} is not two orthogonal unit vectors "
+                f"(|row| {nr:.3g}, |column| {nc:.3g}, row . column {dot:.3g})"
+            )
+    position = _numbers(position_src, "ImagePositionPatient", 3, label)
+    if position is not None and max(abs(v) for v in position) > MAX_ABS_POSITION_MM:
+        raise DicomInputError(label, f"ImagePositionPatient {_show(position)} is implausible (> {MAX_ABS_POSITION_MM:g} mm)")
     thickness = _floats(_get(measures, "SliceThickness") or _get(ds, "SliceThickness"), 1)
+    if thickness is not None and not MIN_SPACING_MM <= thickness[0] <= MAX_SPACING_MM:
+        if warnings is not None:  # 0 is common in converted data: unknown, not a reason to refuse
+            warnings.append(f"SliceThickness {thickness[0]:g} ignored (not a thickness)")
+        thickness = None
     return {
         "pixel_spacing": spacing,
-        "position": _floats(_get(position_src, "ImagePositionPatient"), 3),
+        "position": position,
         "orientation": orientation,
         "slice_thickness": thickness[0] if thickness else None,
     }
 
 
-def _identity(ds: Dataset) -> dict[str, str]:
+def _identity(ds: Dataset, warnings: list[str] | None = None) -> dict[str, str]:
+    sop = str(_get(ds, "SOPInstanceUID", ""))
+    if not sop:  # real archives (TotalSegmentator's DICOM) leave it empty; the file meta must carry it
+        meta = getattr(ds, "file_meta", None)
+        sop = str(_get(meta, "MediaStorageSOPInstanceUID", "")) if meta is not None else ""
+        if sop and warnings is not None:
+            warnings.append("SOPInstanceUID empty: MediaStorageSOPInstanceUID of the file meta used")
     return {
-        "sop_instance_uid": str(_get(ds, "SOPInstanceUID", "")),
+        "sop_instance_uid": sop,
         "series_instance_uid": str(_get(ds, "SeriesInstanceUID", "")),
         "study_instance_uid": str(_get(ds, "StudyInstanceUID", "")),
         "frame_of_reference_uid": str(_get(ds, "FrameOfReferenceUID", "")),
@@ -253,22 +441,26 @@ def _identity(ds: Dataset) -> dict[str, str]:
     }
 
 
+def _sop_class(ds: Dataset) -> str:
+    value = str(_get(ds, "SOPClassUID", ""))
+    if not value:
+        meta = getattr(ds, "file_meta", None)
+        value = str(_get(meta, "MediaStorageSOPClassUID", "")) if meta is not None else ""
+    return value
+
+
 def _transfer_syntax(ds: Dataset) -> str:
     meta = getattr(ds, "file_meta", None)
     return str(_get(meta, "TransferSyntaxUID", "")) if meta is not None else ""
 
 
-def read_header(data: bytes | str | Path, source: str | None = None, limits: Limits | None = None) -> DicomHeader:
-    """Geometry and UIDs without touching pixel data (fast: pydicom stops before PixelData)."""
-    limits = limits or DEFAULT_LIMITS
-    raw, name = _read_bytes(data, source, limits)
-    ds = _parse(raw, name, stop_before_pixels=True)
-    ident = _identity(ds)
-    label = name or ident["sop_instance_uid"] or f"<{len(raw)} bytes>"
-    geo = _geometry(ds, 0)
+def _header_of(ds: Dataset, label: str, warnings: list[str]) -> DicomHeader:
+    ident = _identity(ds, warnings)
+    label = label or ident["sop_instance_uid"]
+    geo = _geometry(ds, 0, label, warnings)
     return DicomHeader(
         source=label,
-        sop_class_uid=str(_get(ds, "SOPClassUID", "")),
+        sop_class_uid=_sop_class(ds),
         transfer_syntax_uid=_transfer_syntax(ds),
         rows=_int(_get(ds, "Rows"), 0) or 0,
         columns=_int(_get(ds, "Columns"), 0) or 0,
@@ -277,16 +469,43 @@ def read_header(data: bytes | str | Path, source: str | None = None, limits: Lim
         bits_allocated=_int(_get(ds, "BitsAllocated"), 0) or 0,
         photometric=str(_get(ds, "PhotometricInterpretation", "")).upper(),
         instance_number=_int(_get(ds, "InstanceNumber")),
+        warnings=warnings,
         **ident,
         **geo,
     )
 
 
+def read_header(data: bytes | str | Path, source: str | None = None, limits: Limits | None = None) -> DicomHeader:
+    """Geometry and UIDs without touching pixel data.
+
+    A file is read only up to its PixelData element (pydicom ``stop_before_pixels`` on the open
+    file), so a client reads each file's pixels once, when it sends them.
+    """
+    limits = limits or DEFAULT_LIMITS
+    if isinstance(data, str | Path):
+        path = Path(data)
+        name = source or path.name
+        try:
+            size = path.stat().st_size
+            if size > limits.max_request_bytes:
+                raise LimitExceeded(name, f"file is {size} bytes, limit {limits.max_request_bytes}")
+            with path.open("rb") as f:
+                ds = _parse(f, name, stop_before_pixels=True, limits=limits)  # type: ignore[arg-type]
+        except OSError as exc:
+            raise DicomInputError(name, f"cannot read file ({exc.strerror or exc})") from None
+        return _header_of(ds, name, [])
+    raw, name = _read_bytes(data, source, limits)
+    ds = _parse(raw, name, stop_before_pixels=True, limits=limits)
+    return _header_of(ds, name or _identity(ds)["sop_instance_uid"] or f"<{len(raw)} bytes>", [])
+
+
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_image(ds: Dataset, label: str, limits: Limits) -> tuple[int, int, int, int, int]:
-    sop_class = _get(ds, "SOPClassUID")
+def _check_image(
+    ds: Dataset, label: str, limits: Limits, warnings: list[str] | None = None
+) -> tuple[int, int, int, int, int]:
+    sop_class = _sop_class(ds) or None
     if sop_class is not None:
         name = UID(str(sop_class)).name
         if name != str(sop_class) and "Image" not in name:  # a known UID that is not an image
@@ -309,6 +528,22 @@ def _check_image(ds: Dataset, label: str, limits: Limits) -> tuple[int, int, int
         raise DicomInputError(label, f"unsupported SamplesPerPixel={samples}")
     if bits not in (1, 8, 16, 32):
         raise DicomInputError(label, f"unsupported BitsAllocated={bits}")
+    _check_bits(ds, label, bits)
+    photometric = str(_get(ds, "PhotometricInterpretation", "")).upper()
+    if not photometric:
+        if samples != 1:
+            raise DicomInputError(label, f"no PhotometricInterpretation for {samples} samples per pixel")
+        if warnings is not None:
+            warnings.append("PhotometricInterpretation missing: MONOCHROME2 assumed")
+    elif photometric not in PHOTOMETRICS:
+        raise DicomInputError(label, f"unknown PhotometricInterpretation '{photometric}'")
+    elif (samples == 1) != (photometric in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")):
+        raise DicomInputError(label, f"PhotometricInterpretation {photometric} with SamplesPerPixel {samples}")
+    per_frame = _get(ds, "PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and len(per_frame) != frames:
+        raise DicomInputError(
+            label, f"PerFrameFunctionalGroupsSequence has {len(per_frame)} items for NumberOfFrames {frames}"
+        )
     if rows * cols > limits.max_pixels_per_slice:
         raise LimitExceeded(label, f"{rows}x{cols} pixels per slice, limit {limits.max_pixels_per_slice}")
     if frames > limits.max_frames:
@@ -327,7 +562,28 @@ def _check_image(ds: Dataset, label: str, limits: Limits) -> tuple[int, int, int
             available = False
         if not available:
             raise DicomInputError(label, f"unsupported transfer syntax {UID(tsyntax).name} ({tsyntax})")
+        bound = int(_bound(limits, "max_compressed_decoded_bytes", MAX_COMPRESSED_DECODED_BYTES))
+        if decoded > bound:  # decoders cannot be interrupted: refuse what would hold the instance > ~1 s
+            raise LimitExceeded(
+                label, f"compressed pixel data would decode to {decoded} bytes, limit {bound} per item "
+                "(about 1 s of decoding); send the frames as single-frame items"
+            )
     return rows, cols, frames, samples, bits
+
+
+def _check_bits(ds: Dataset, label: str, bits: int) -> None:
+    """BitsStored <= BitsAllocated, HighBit = BitsStored - 1, PixelRepresentation 0 or 1."""
+    stored = _int(_get(ds, "BitsStored"))
+    if "BitsStored" in ds and _get(ds, "BitsStored") is not None and (stored is None or not 1 <= stored <= bits):
+        raise DicomInputError(label, f"BitsStored {_show(_get(ds, 'BitsStored'))} impossible with BitsAllocated {bits}")
+    high = _int(_get(ds, "HighBit"))
+    if _get(ds, "HighBit") is not None and (high is None or high != (stored or bits) - 1):
+        raise DicomInputError(
+            label, f"HighBit {_show(_get(ds, 'HighBit'))} inconsistent with BitsStored {stored or bits} (must be BitsStored - 1)"
+        )
+    rep = _get(ds, "PixelRepresentation")
+    if rep is not None and _int(rep) not in (0, 1):
+        raise DicomInputError(label, f"PixelRepresentation {_show(rep)} (must be 0 or 1)")
 
 
 # ----------------------------------------------------------------------------- pixels
@@ -351,7 +607,36 @@ def _native_pixels(ds: Dataset, rows: int, cols: int, frames: int, bits: int, la
     return arr
 
 
-def _decoded_pixels(ds: Dataset, rows: int, cols: int, frames: int, samples: int, label: str) -> np.ndarray:
+def _dcmtk_pixels(raw: bytes, rows: int, cols: int, frames: int, label: str) -> np.ndarray:
+    """12-bit JPEG Extended through dcmtk's ``dcmdjpeg`` (GDCM, pylibjpeg and Pillow refuse some
+    real files of it): a subprocess under a timeout, in a private temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="ctlesion-dcmdjpeg-") as tmp:
+        src, dst = Path(tmp) / "in.dcm", Path(tmp) / "out.dcm"
+        src.write_bytes(raw)
+        try:
+            done = subprocess.run(
+                ["dcmdjpeg", str(src), str(dst)], capture_output=True, timeout=DCMDJPEG_TIMEOUT_S, check=False
+            )
+        except FileNotFoundError:
+            raise DicomInputError(label, "cannot decode 12-bit JPEG Extended (dcmtk's dcmdjpeg is not installed)") from None
+        except subprocess.TimeoutExpired:
+            raise LimitExceeded(label, f"dcmdjpeg took longer than {DCMDJPEG_TIMEOUT_S:g} s") from None
+        if done.returncode != 0 or not dst.exists():
+            why = " ".join(done.stderr.decode("utf-8", "replace").split())[:200]
+            raise DicomInputError(label, f"cannot decode pixel data (dcmdjpeg: {why or done.returncode})")
+        out = pydicom.dcmread(dst)
+    signed = _int(_get(out, "PixelRepresentation"), 0) == 1
+    dtype = np.dtype(f"{'i' if signed else 'u'}{(_int(_get(out, 'BitsAllocated'), 16) or 16) // 8}").newbyteorder("<")
+    data = out.PixelData
+    if len(data) < rows * cols * frames * dtype.itemsize:
+        raise DicomInputError(label, "cannot decode pixel data (dcmdjpeg output too short)")
+    return np.frombuffer(data, dtype=dtype, count=rows * cols * frames).reshape(frames, rows, cols)
+
+
+def _decoded_pixels(
+    ds: Dataset, rows: int, cols: int, frames: int, samples: int, label: str,
+    raw: bytes = b"", warnings: list[str] | None = None,
+) -> np.ndarray:
     try:
         arr = ds.pixel_array
         photometric = str(_get(ds, "PhotometricInterpretation", "")).upper()
@@ -365,7 +650,11 @@ def _decoded_pixels(ds: Dataset, rows: int, cols: int, frames: int, samples: int
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # Rust decoders (pylibjpeg-rle) panic with a BaseException subclass
-        raise DicomInputError(label, f"cannot decode pixel data ({_why(exc)})") from None
+        if _transfer_syntax(ds) != JPEG_EXTENDED_12BIT or samples != 1 or not raw:
+            raise DicomInputError(label, f"cannot decode pixel data ({_why(exc)})") from None
+        arr = _dcmtk_pixels(raw, rows, cols, frames, label)
+        if warnings is not None:
+            warnings.append("12-bit JPEG Extended decoded with dcmtk's dcmdjpeg (pydicom's decoders refused it)")
     arr = np.asarray(arr)
     if samples == 3:  # colour (RGB after pydicom's YBR conversion): luminance, ITU-R BT.601
         arr = arr.reshape(frames, rows, cols, 3).astype(np.float32)
@@ -373,15 +662,20 @@ def _decoded_pixels(ds: Dataset, rows: int, cols: int, frames: int, samples: int
     return arr.reshape(frames, rows, cols)
 
 
-def _modality_lut(ds: Dataset, frame: int) -> tuple[float, float, Dataset | None]:
+def _modality_lut(ds: Dataset, frame: int, label: str = "") -> tuple[float, float, Dataset | None]:
     src = _functional(ds, frame, "PixelValueTransformationSequence") or ds
-    slope = _floats(_get(src, "RescaleSlope"), 1)
-    intercept = _floats(_get(src, "RescaleIntercept"), 1)
+    slope = _numbers(src, "RescaleSlope", 1, label)
+    intercept = _numbers(src, "RescaleIntercept", 1, label)
     lut_seq = _get(ds, "ModalityLUTSequence")
     if slope is None and intercept is None and lut_seq is not None and len(lut_seq) > 0:
         return 1.0, 0.0, lut_seq[0]
-    s = slope[0] if slope and slope[0] != 0 else 1.0
-    return s, intercept[0] if intercept else 0.0, None
+    s = slope[0] if slope else 1.0
+    if not MIN_ABS_SLOPE <= abs(s) <= MAX_ABS_SLOPE:
+        raise DicomInputError(label, f"RescaleSlope {s:g} is implausible (|slope| must be in {MIN_ABS_SLOPE:g}..{MAX_ABS_SLOPE:g})")
+    b = intercept[0] if intercept else 0.0
+    if abs(b) > MAX_ABS_INTERCEPT:
+        raise DicomInputError(label, f"RescaleIntercept {b:g} is implausible (|intercept| <= {MAX_ABS_INTERCEPT:g})")
+    return s, b, None
 
 
 def _apply_lut_item(arr: np.ndarray, item: Dataset, label: str) -> np.ndarray:
@@ -411,8 +705,12 @@ def _lut_data(item: Dataset) -> np.ndarray:
 
 def _voi(ds: Dataset, frame: int, label: str) -> dict[str, Any]:
     src = _functional(ds, frame, "FrameVOILUTSequence") or ds
-    centers = _multi(_get(src, "WindowCenter"))
-    widths = _multi(_get(src, "WindowWidth"))
+    centers, widths = _multi(_get(src, "WindowCenter")), _multi(_get(src, "WindowWidth"))
+    for name, values, ok in (("WindowCenter", centers, lambda v: True), ("WindowWidth", widths, lambda v: v > 0)):
+        raw = _get(src, name)
+        count = len(raw) if hasattr(raw, "__len__") and not isinstance(raw, str | bytes) else int(raw is not None)
+        if len(values) != count or not all(ok(v) for v in values):
+            raise DicomInputError(label, f"{name} '{_show(raw)}' impossible (finite numbers{', > 0' if name == 'WindowWidth' else ''})")
     n = min(len(centers), len(widths))
     function = str(_get(src, "VOILUTFunction", "LINEAR")).upper()
     voi_lut = None
@@ -431,14 +729,31 @@ def _voi(ds: Dataset, frame: int, label: str) -> dict[str, Any]:
     }
 
 
-def decode_frames(data: bytes | str | Path, source: str | None = None, limits: Limits | None = None) -> list[DecodedSlice]:
-    """Decode every frame of one item (classic single-frame CT gives one; Enhanced CT gives many)."""
+def decode_frames(
+    data: bytes | str | Path,
+    source: str | None = None,
+    limits: Limits | None = None,
+    *,
+    with_hu: bool = True,
+    contract: ModelContract | None = None,
+) -> list[DecodedSlice]:
+    """Decode every frame of one item (classic single-frame CT gives one; Enhanced CT gives many).
+
+    ``with_hu=False`` leaves float ``hu`` uncomputed where ``stored`` holds the integer values
+    (``DecodedSlice.modality_values()`` computes it on demand): the serving path never needs it.
+    ``contract`` (the served model's, ``preprocess_backend.contract``) refuses what the model cannot
+    read before any pixel is decoded.
+    """
     limits = limits or DEFAULT_LIMITS
     raw, name = _read_bytes(data, source, limits)
-    ds = _parse(raw, name, stop_before_pixels=False)
-    ident = _identity(ds)
+    ds = _parse(raw, name, stop_before_pixels=False, limits=limits)
+    warnings: list[str] = []
+    ident = _identity(ds, warnings)
     label = name or ident["sop_instance_uid"] or f"<{len(raw)} bytes>"
-    rows, cols, frames, samples, bits = _check_image(ds, label, limits)
+    if contract is not None:
+        contract.check_kind(label, ident["modality"], _sop_class(ds))
+        contract.check_header(_header_of(ds, label, []))
+    rows, cols, frames, samples, bits = _check_image(ds, label, limits, warnings)
 
     tsyntax = _transfer_syntax(ds)
     arr = None
@@ -452,7 +767,7 @@ def decode_frames(data: bytes | str | Path, source: str | None = None, limits: L
             except Exception as exc:
                 raise DicomInputError(label, f"cannot read pixel data ({_why(exc)})") from None
     if arr is None:
-        arr = _decoded_pixels(ds, rows, cols, frames, samples, label)
+        arr = _decoded_pixels(ds, rows, cols, frames, samples, label, raw, warnings)
 
     photometric = str(_get(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if samples == 3 or photometric == "PALETTE COLOR":
@@ -460,19 +775,22 @@ def decode_frames(data: bytes | str | Path, source: str | None = None, limits: L
     signed = _int(_get(ds, "PixelRepresentation"), 0) == 1
     stored = _int(_get(ds, "BitsStored"), bits) or bits
     out = []
+    padding = _floats(_get(ds, "PixelPaddingValue"), 1)
     for f in range(frames):
-        slope, intercept, lut_item = _modality_lut(ds, f)
+        slope, intercept, lut_item = _modality_lut(ds, f, label)
+        stored_f = arr[f] if lut_item is None and arr.dtype.kind in "iu" else None
         if lut_item is not None:
             hu = _apply_lut_item(arr[f], lut_item, label)
+        elif stored_f is not None and not with_hu:
+            hu = np.broadcast_to(np.float32(np.nan), stored_f.shape)
         else:
-            hu = arr[f].astype(np.float32)  # one float32 copy; the in-place ops below reuse it
-            if slope != 1.0:
-                hu *= np.float32(slope)
-            if intercept != 0.0:
-                hu += np.float32(intercept)
+            hu = _rescale(arr[f], slope, intercept)
+        geo = _geometry(ds, f, label, warnings if f == 0 else None)
         out.append(
             DecodedSlice(
                 hu=hu,
+                stored=stored_f,
+                hu_deferred=stored_f is not None and not with_hu,
                 source=label,
                 photometric=photometric,
                 instance_number=_int(_get(ds, "InstanceNumber")),
@@ -481,8 +799,10 @@ def decode_frames(data: bytes | str | Path, source: str | None = None, limits: L
                 rescale_intercept=intercept,
                 signed=signed,
                 bits_stored=stored,
+                pixel_padding_value=None if padding is None or lut_item is not None else padding[0] * slope + intercept,
+                warnings=list(warnings),
                 **ident,
-                **_geometry(ds, f),
+                **geo,
                 **_voi(ds, f, label),
             )
         )
