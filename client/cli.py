@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("ctlesion_client.detect_cli:main", "send a DICOM series (dir or files) to a server, print findings"),
     "serve": ("ctlesion_client.server:main", "start the real tritonserver on a model repository"),
     "process-study": ("ctlesion_client.pacs:main", "PACS -> detect -> DICOM SR -> PACS"),
+    "node": ("ctlesion_node.cli:main", "DICOM node: receive studies by C-STORE, detect, send SR + key images back"),
     "phantom": ("ctlesion_phantoms.cli:main", "generate phantom CT series (DICOM + truth)"),
     "variants": ("damoyolo.variants:main", "DAMO-YOLO variants: params / GFLOPs vs the official table"),
     "train": ("damoyolo.train:main", "train the detector on phantom series"),

@@ -202,6 +202,8 @@ def build_sr(
     source_headers: Sequence[Dataset],
     algorithm: AlgorithmInfo = DEFAULT_ALGORITHM,
     series_number: int = 9901,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build (and thereby validate, highdicom checks on construction) the SR for one CT series.
 
@@ -237,9 +239,9 @@ def build_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(source_headers),
         content=report,
-        series_instance_uid=generate_uid(),
+        series_instance_uid=series_instance_uid or generate_uid(),  # fixed UIDs: the DICOM node's idempotent resend
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=sop_instance_uid or generate_uid(),
         instance_number=1,
         manufacturer=algorithm.manufacturer,
         manufacturer_model_name=algorithm.name,
