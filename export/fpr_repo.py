@@ -1,0 +1,78 @@
+"""The 3D false-positive-reduction models of a Triton repository, and their ensemble ``lesion_fpr``.
+
+  fpr_preprocess  (Python, no batching)  dicom [-1] BYTES + centres_mm [-1, 3] -> cubes [-1, D, H, W] uint8
+  fpr_classifier  (Python onnxruntime on CPU targets, onnxruntime_onnx on GPU targets; dynamic
+                   batching over cubes of concurrent requests) cubes -> probability [1]
+  lesion_fpr      the ensemble of the two; the client calls it after linking the first pass's
+                   detections into 3D lesions (docs/contracts.md)
+
+The classifier's config carries what the client needs to turn probabilities into findings: the
+rescoring rule, the operating threshold chosen on validation data and the candidate threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_FPR_ONNX = REPO_ROOT / "models" / "ctlesion_fpr.onnx"
+FPR_ENSEMBLE = "lesion_fpr"
+FPR_MAX_BATCH = 64
+
+
+def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1, queue_delay_us: int = 2000) -> dict[str, mc.ModelConfig]:
+    """name -> ModelConfig of the three FPR models for ``target`` (cpu | gpu-*)."""
+    from ctlesion_export.build_repo import TensorSpec, _add_io, _instance, _params
+    from ctlesion_fpr.predict import read_meta
+
+    info = read_meta(fpr_onnx)
+    d, h, w = info.spec.shape
+    pre = mc.ModelConfig(name="fpr_preprocess", backend="python", max_batch_size=0)
+    _add_io(pre.input, [TensorSpec("dicom", "bytes", (-1,)), TensorSpec("centres_mm", "float32", (-1, 3))])
+    _add_io(pre.output, [TensorSpec("cubes", "uint8", (-1, d, h, w))])
+    _instance(pre, 1, gpu=False)
+    _params(pre, {"cube": json.dumps(info.spec.to_dict())})
+    _params(pre, {f"limit_{k}": v for k, v in asdict(limits).items()})  # type: ignore[call-overload]
+
+    if target == "cpu":
+        cls = mc.ModelConfig(name="fpr_classifier", backend="python", max_batch_size=FPR_MAX_BATCH)
+        _params(cls, {"onnx_file": "model.onnx", "intra_op_threads": 0})
+    else:
+        cls = mc.ModelConfig(name="fpr_classifier", platform="onnxruntime_onnx", max_batch_size=FPR_MAX_BATCH)
+    _add_io(cls.input, [TensorSpec("cubes", "uint8", (d, h, w))])
+    _add_io(cls.output, [TensorSpec("probability", "float32", (1,))])
+    cls.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    _instance(cls, instances, gpu=target != "cpu")
+    _params(cls, {"rule": info.rule, "operating_threshold": info.operating_threshold,
+                  "candidate_threshold": info.candidate_threshold, "cube": json.dumps(info.spec.to_dict())})  # fmt: skip
+
+    ens = mc.ModelConfig(name=FPR_ENSEMBLE, platform="ensemble", max_batch_size=0)
+    _add_io(ens.input, [TensorSpec("dicom", "bytes", (-1,)), TensorSpec("centres_mm", "float32", (-1, 3))])
+    _add_io(ens.output, [TensorSpec("probability", "float32", (-1, 1))])
+    step = ens.ensemble_scheduling.step.add(model_name="fpr_preprocess", model_version=-1)
+    step.input_map["dicom"] = "dicom"
+    step.input_map["centres_mm"] = "centres_mm"
+    step.output_map["cubes"] = "cubes"
+    step = ens.ensemble_scheduling.step.add(model_name="fpr_classifier", model_version=-1)
+    step.input_map["cubes"] = "cubes"
+    step.output_map["probability"] = "probability"
+    return {"fpr_preprocess": pre, "fpr_classifier": cls, FPR_ENSEMBLE: ens}
+
+
+def add_fpr_models(out: Path, fpr_onnx: Path, target: str, limits: object) -> None:
+    """Write the FPR models into the repository ``out`` (the served ONNX is a uint8-input graph
+    already, so every target serves the same file)."""
+    from ctlesion_export.build_repo import SOURCES, _write_config
+
+    for name, config in fpr_configs(fpr_onnx, target, limits).items():
+        _write_config(out / name, config)
+        (out / name / "1").mkdir(parents=True, exist_ok=True)
+        source = SOURCES / name / "1" / "model.py"
+        if source.exists() and (name != "fpr_classifier" or target == "cpu"):
+            shutil.copy2(source, out / name / "1" / "model.py")
+    shutil.copy2(fpr_onnx, out / "fpr_classifier" / "1" / "model.onnx")

@@ -1,0 +1,63 @@
+"""Mined cubes on disk -> arrays for training and per-case lesions for validation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ctlesion_fpr.mining import LABEL_IGNORED, load_lesions
+from preprocess_backend.cubes import CubeSpec
+from preprocess_backend.types import Lesion
+
+
+@dataclass
+class CubeSet:
+    cubes: np.ndarray  # uint8 [N, D, H, W]
+    label: np.ndarray  # int8 [N] 1 nodule / 0 false positive
+    source: np.ndarray  # int8 [N] 0 candidate / 1 truth-centred
+    det_score: np.ndarray  # float32 [N] (NaN for truth-centred)
+    spec: CubeSpec
+
+
+def load_training(mined_dir: Path) -> CubeSet:
+    """Every case's cubes, ignored candidates left out."""
+    parts: dict[str, list[np.ndarray]] = {"cubes": [], "label": [], "source": [], "det_score": []}
+    spec = None
+    for f in sorted(Path(mined_dir).glob("*.npz")):
+        if f.name.endswith(".tmp.npz"):
+            continue
+        with np.load(f) as z:
+            keep = z["label"] != LABEL_IGNORED
+            for k in parts:
+                parts[k].append(z[k][keep])
+            spec = spec or CubeSpec.from_dict(json.loads(str(z["spec"])))
+    if spec is None:
+        raise FileNotFoundError(f"no mined cases in {mined_dir}")
+    return CubeSet(**{k: np.concatenate(v) for k, v in parts.items()}, spec=spec)  # type: ignore[arg-type]
+
+
+@dataclass
+class EvalCase:
+    case_id: str
+    lesions: list[Lesion]
+    cubes: np.ndarray  # one per lesion, same order
+    truth_path: Path
+
+
+def load_eval(mined_dir: Path, cases_dir: Path) -> list[EvalCase]:
+    """Mined evaluation cases (one untransformed cube per candidate lesion) with their truth files."""
+    out = []
+    for f in sorted(Path(mined_dir).glob("*.npz")):
+        if f.name.endswith(".tmp.npz"):
+            continue
+        with np.load(f) as z:
+            lesions = load_lesions(z)
+            idx = z["lesion_index"]
+            cubes = np.zeros((len(lesions), *z["cubes"].shape[1:]), np.uint8)
+            cubes[idx[idx >= 0]] = z["cubes"][idx >= 0]
+            case_id = str(z["case_id"])
+        out.append(EvalCase(case_id, lesions, cubes, Path(cases_dir) / case_id / "truth.json"))
+    return out

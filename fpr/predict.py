@@ -1,0 +1,58 @@
+"""The FPR model in onnxruntime: what the Triton model, the evaluation and the tests run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preprocess_backend.cubes import CubeSpec
+
+MAX_RUN_BATCH = 64  # cubes per onnxruntime run: bounds the arena, same speed
+
+
+@dataclass
+class FprModelInfo:
+    spec: CubeSpec
+    rule: str  # preprocess_backend.rescoring rule
+    operating_threshold: float  # final-confidence threshold chosen on validation data
+    candidate_threshold: float  # detector score threshold of the candidates it was trained on
+    meta: dict[str, Any]
+
+
+def read_meta(path: Path) -> FprModelInfo:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    return FprModelInfo(
+        spec=CubeSpec.from_dict(meta["cube"]),
+        rule=str(meta.get("rule", "geometric")),
+        operating_threshold=float(meta.get("operating_threshold", 0.5)),
+        candidate_threshold=float(meta.get("candidate_threshold", 0.05)),
+        meta=meta,
+    )
+
+
+class FprPredictor:
+    """uint8 cubes [N, D, H, W] -> nodule probability [N]."""
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        so.enable_mem_pattern = False
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.info = read_meta(Path(path))
+
+    def __call__(self, cubes: np.ndarray) -> np.ndarray:
+        cubes = np.ascontiguousarray(cubes, dtype=np.uint8)
+        if cubes.shape[0] == 0:
+            return np.zeros(0, np.float32)
+        parts = [self.session.run(["probability"], {"cubes": cubes[i : i + MAX_RUN_BATCH]})[0] for i in range(0, cubes.shape[0], MAX_RUN_BATCH)]
+        return np.concatenate(parts).astype(np.float32)

@@ -1,0 +1,196 @@
+"""Train the FPR model on mined cubes; select the epoch and the operating point on validation series.
+
+Balanced batches (half nodule cubes, half false-positive candidates, hard negatives, i.e. candidates
+the detector scored high, drawn more often), flips / axis swaps and noise at train time, AdamW with
+cosine decay. After each epoch the validation series' candidate lesions are re-scored with every
+rule of ``preprocess_backend.rescoring`` and scored the LUNA16 way (CPM); the best (epoch, rule) is
+kept, and the operating threshold is the lowest final confidence at which the validation scans
+average at most ``--max-fp-per-scan`` false positives. ``--release`` writes the checkpoint and the
+served ONNX with that geometry, rule and threshold in its metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ctlesion_fpr.data import CubeSet, EvalCase, load_eval, load_training
+from ctlesion_fpr.model import FprNet, export_onnx, save_checkpoint
+from preprocess_backend.lesion_filters import LesionFilter, filter_lesions
+from preprocess_backend.rescoring import RULES, apply_fpr
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidationResult:
+    epoch: int
+    rule: str
+    cpm: float
+    cpm_detector: float
+    threshold: float  # operating threshold at <= max_fp false positives per scan
+    sensitivity: float  # at that threshold
+    fp_per_scan: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random flips along each axis, in-plane axis swap, Gaussian noise (0-8 codes ~ 0-45 HU), contrast."""
+    x = x.float()
+    for axis in (1, 2, 3):
+        flip = torch.rand(x.shape[0], generator=gen) < 0.5
+        x[flip] = x[flip].flip(axis)
+    swap = torch.rand(x.shape[0], generator=gen) < 0.5
+    x[swap] = x[swap].transpose(2, 3)
+    sigma = torch.rand(x.shape[0], 1, 1, 1, generator=gen) * 8.0
+    x = x + torch.randn(x.shape, generator=gen) * sigma
+    gain = 1.0 + (torch.rand(x.shape[0], 1, 1, 1, generator=gen) - 0.5) * 0.1
+    return (x * gain).clamp(0, 255)
+
+
+def predict_torch(net: FprNet, cubes: np.ndarray, batch: int = 128) -> np.ndarray:
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, cubes.shape[0], batch):
+            out.append(torch.sigmoid(net(torch.from_numpy(cubes[i : i + batch]))).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def operating_point(results: list, max_fp_per_scan: float) -> tuple[float, float, float]:
+    """(threshold, sensitivity, FP per scan): lowest threshold with mean FP per scan <= the limit."""
+    scans = len(results)
+    tp_scores, fp_scores, nodules = [], [], 0
+    for r in results:
+        nodules += len(r.nodules)
+        tp_scores += [s for s in r.match.nodule_best_score.values() if np.isfinite(s)]
+        fp_scores += [s for i, s in enumerate(r.match.lesion_scores) if r.match.lesion_nodule[i] is None and not r.match.ignored(i)]
+    fp = np.sort(np.asarray(fp_scores))[::-1]
+    allowed = int(np.floor(max_fp_per_scan * scans))
+    # threshold just above the (allowed+1)-th highest FP score
+    thr = float(fp[allowed]) + 1e-6 if fp.size > allowed else 0.0
+    sens = float(np.sum(np.asarray(tp_scores) >= thr) / max(nodules, 1))
+    fps = float(np.sum(fp >= thr) / max(scans, 1))
+    return thr, sens, fps
+
+
+def validate(net: FprNet, cases: list[EvalCase], epoch: int, max_fp: float, min_size_mm: float = 3.0) -> list[ValidationResult]:
+    from ctlesion_phantoms.truth import CaseTruth
+    from damoyolo.eval.froc import case_result, froc
+
+    truths = [CaseTruth.load(c.truth_path) for c in cases]
+    probs = [predict_torch(net, c.cubes) for c in cases]
+    size_rule = LesionFilter(min_size_mm=min_size_mm)
+    base = [case_result(filter_lesions(c.lesions, size_rule), t) for c, t in zip(cases, truths, strict=True)]
+    cpm_det = froc(base, 0.0, bootstrap=0).cpm
+    out = []
+    for rule in RULES:
+        results = [case_result(filter_lesions(apply_fpr(c.lesions, p, rule), size_rule), t) for c, p, t in zip(cases, probs, truths, strict=True)]
+        thr, sens, fps = operating_point(results, max_fp)
+        out.append(ValidationResult(epoch, rule, froc(results, 0.0, bootstrap=0).cpm, cpm_det, thr, sens, fps))
+    return out
+
+
+def train(
+    train_set: CubeSet, val_cases: list[EvalCase], out_dir: Path, epochs: int, steps_per_epoch: int, batch_size: int,
+    lr: float, seed: int, max_fp: float, width: int, threads: int,
+) -> tuple[FprNet, ValidationResult, list[ValidationResult]]:
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    pos = np.nonzero(train_set.label == 1)[0]
+    neg = np.nonzero(train_set.label == 0)[0]
+    # hard negatives: candidates the detector scored high are drawn more often
+    w = np.nan_to_num(train_set.det_score[neg], nan=0.05) + 0.1
+    w /= w.sum()
+    log.info("training cubes: %d nodule, %d false positive", pos.size, neg.size)
+    net = FprNet(width=width)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.05, final_div_factor=20)
+    loss_fn = nn.BCEWithLogitsLoss()
+    best: ValidationResult | None = None
+    best_state = None
+    history: list[ValidationResult] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    half = batch_size // 2
+    for epoch in range(1, epochs + 1):
+        net.train()
+        t0 = time.perf_counter()
+        losses = []
+        for _ in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", file=sys.stderr, leave=False):
+            idx = np.concatenate([rng.choice(pos, half), rng.choice(neg, batch_size - half, p=w)])
+            x = augment_batch(torch.from_numpy(train_set.cubes[idx]), gen)
+            y = torch.from_numpy((train_set.label[idx] == 1).astype(np.float32))
+            loss = loss_fn(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+        vals = validate(net, val_cases, epoch, max_fp)
+        history += vals
+        top = max(vals, key=lambda v: v.cpm)
+        log.info("epoch %d: loss %.4f (%.0f s); val CPM detector %.3f, %s", epoch, float(np.mean(losses)), time.perf_counter() - t0,
+                 top.cpm_detector, ", ".join(f"{v.rule} {v.cpm:.3f} (thr {v.threshold:.3f}: sens {v.sensitivity:.3f} at {v.fp_per_scan:.2f} FP)" for v in vals))
+        if best is None or top.cpm > best.cpm:
+            best, best_state = top, {k: v.clone() for k, v in net.state_dict().items()}
+        torch.save({"model": net.state_dict(), "epoch": epoch}, out_dir / "last.pt")
+        (out_dir / "history.json").write_text(json.dumps([v.to_dict() for v in history], indent=1))
+    assert best is not None and best_state is not None
+    net.load_state_dict(best_state)
+    return net.eval(), best, history
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ctlesion_fpr.train", description=__doc__.splitlines()[0])
+    p.add_argument("--train", type=Path, required=True, help="mined training cubes (python -m ctlesion_fpr.mining --augment)")
+    p.add_argument("--val", type=Path, required=True, help="mined validation cases")
+    p.add_argument("--val-cases", type=Path, required=True, help="the validation phantom cases (truth.json)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--steps-per-epoch", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-fp-per-scan", type=float, default=1.0, help="operating point chosen on validation (default 1: margin under the 2 FP/scan goal)")
+    p.add_argument("--candidate-threshold", type=float, default=0.05, help="the detector score threshold the candidates were mined at")
+    p.add_argument("--release", type=Path, help="write the checkpoint (.pt) here and the served ONNX beside it")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    train_set = load_training(a.train)
+    val_cases = load_eval(a.val, a.val_cases)
+    net, best, _ = train(train_set, val_cases, a.out, a.epochs, a.steps_per_epoch, a.batch_size, a.lr, a.seed, a.max_fp_per_scan, a.width, a.threads)
+    log.info("best: %s", best.to_dict())
+    if a.release:
+        meta = {
+            "cube": train_set.spec.to_dict(), "rule": best.rule, "operating_threshold": round(best.threshold, 4),
+            "candidate_threshold": a.candidate_threshold, "width": a.width, "validation": best.to_dict(),
+            "max_fp_per_scan": a.max_fp_per_scan, "train_cubes": int(train_set.label.size),
+        }
+        save_checkpoint(net, a.release, meta)
+        export_onnx(net, a.release.with_suffix(".onnx"), train_set.spec.shape, meta)
+        log.info("released %s and %s", a.release, a.release.with_suffix(".onnx"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
