@@ -29,7 +29,7 @@ from preprocess_backend.dicom_io import DecodedSlice, DicomHeader, read_header
 from preprocess_backend.errors import DicomInputError
 from preprocess_backend.lesions import link_lesions
 from preprocess_backend.pipeline import detections_from_arrays
-from preprocess_backend.series import SeriesGeometry, assemble_series, slice_from_header
+from preprocess_backend.series import SeriesGeometry, assemble_series, series_key, slice_from_header
 from preprocess_backend.types import Detection, Options
 
 InputItem = str | Path | bytes | bytearray | memoryview | pydicom.Dataset
@@ -114,8 +114,14 @@ def _header(data: bytes | Path, label: str) -> DicomHeader:
     except DicomInputError as exc:
         raise InvalidInputError(exc.reason, "CLIENT", source=label) from exc
     # pydicom reads a cut file up to where it ends without complaint: insist on what grouping needs.
-    if not header.sop_instance_uid or not header.series_instance_uid:
-        raise InvalidInputError("no SOPInstanceUID / SeriesInstanceUID in the header (truncated file?)", "CLIENT", source=label)
+    # An empty SOPInstanceUID was already taken from the file meta and an empty SeriesInstanceUID is
+    # replaced by a derived series key (series_key), both with a warning; without either it is refused.
+    if not header.sop_instance_uid:
+        raise InvalidInputError("no SOPInstanceUID in the header or the file meta (truncated file?)", "CLIENT", source=label)
+    if not header.series_instance_uid and not (header.frame_of_reference_uid or header.study_instance_uid):
+        raise InvalidInputError(
+            "no SeriesInstanceUID, FrameOfReferenceUID or StudyInstanceUID to group by (truncated file?)", "CLIENT", source=label
+        )
     if header.rows <= 0 or header.columns <= 0:
         raise InvalidInputError("no Rows / Columns in the header (not an image, or truncated)", "CLIENT", source=label)
     return header
@@ -166,8 +172,8 @@ def collect_items(inputs: SeriesInput) -> tuple[list[SeriesItem], list[str]]:
 def select_series(items: Sequence[SeriesItem], series_uid: str | None = None) -> tuple[list[SeriesItem], list[str]]:
     """The items of one series: ``series_uid`` if given, else the only series present."""
     groups: dict[str, list[SeriesItem]] = {}
-    for item in items:
-        groups.setdefault(item.header.series_instance_uid, []).append(item)
+    for item in items:  # an empty SeriesInstanceUID groups by a derived key (series_key)
+        groups.setdefault(series_key(item.header), []).append(item)
 
     def listing() -> str:
         return ", ".join(f"{uid or '<none>'} ({g[0].header.modality or '?'}, {len(g)} files)" for uid, g in groups.items())
@@ -247,6 +253,7 @@ def prepare_series(
     for after, spacing in report.gaps:
         warnings.append(f"gap of {spacing:.2f} mm after slice {after + 1} (median {report.median_spacing_mm:.2f} mm)")
     warnings += report.inconsistent
+    warnings += report.warnings  # leniency (UIDs filled in): said in the result
     geometry = series.geometry if series.has_geometry else None
     first = ordered[0].header
     return PreparedSeries(

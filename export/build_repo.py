@@ -27,6 +27,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ctlesion_export.onnx_export import OnnxModelInfo, inspect_onnx
+from preprocess_backend.contract import ModelContract
 from preprocess_backend.types import Limits
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ def preprocess_config(info: OnnxModelInfo, cfg: RepoConfig) -> mc.ModelConfig:
     _params(config, {"model_size": info.height, "context_slices": info.channels, "window": cfg.window})
     # Every limit is written, defaults included, so the deployed config shows what is enforced.
     _params(config, {f"limit_{key}": value for key, value in asdict(cfg.limits).items()})
+    # The model's input contract (preprocess_backend.contract): what it reads, enforced per item.
+    _params(config, ModelContract(window=cfg.window).to_params())
     return config
 
 

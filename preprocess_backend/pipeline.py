@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from preprocess_backend.contract import ModelContract
 from preprocess_backend.dicom_io import DecodedSlice, decode_frames
 from preprocess_backend.errors import DicomInputError, LimitExceeded
 from preprocess_backend.letterbox import LetterboxTransform, block_mean, letterbox, resize
@@ -113,7 +114,7 @@ class Slab:
 # ----------------------------------------------------------------------------- preprocess
 
 
-def decode_items(dicom_items: Sequence[bytes], options: Options) -> list[DecodedSlice]:
+def decode_items(dicom_items: Sequence[bytes], options: Options, contract: ModelContract | None = None) -> list[DecodedSlice]:
     """Decode each item exactly once; errors name the SOPInstanceUID, or the item number if unreadable."""
     limits = options.limits
     if len(dicom_items) == 0:
@@ -126,7 +127,7 @@ def decode_items(dicom_items: Sequence[bytes], options: Options) -> list[Decoded
     slices: list[DecodedSlice] = []
     for i, item in enumerate(dicom_items):
         try:
-            slices.extend(decode_frames(item, None, limits))
+            slices.extend(decode_frames(item, None, limits, contract=contract))
         except DicomInputError as exc:
             if exc.source.startswith("<"):  # nothing better than a byte count: add the item number
                 raise type(exc)(f"item {i} {exc.source}", exc.reason) from None
@@ -204,10 +205,15 @@ def preprocess_decoded(slices: Sequence[DecodedSlice], options: Options) -> Slab
     return Slab(images=images, meta=meta, report=series.report, series_instance_uid=series.series_instance_uid)
 
 
-def preprocess_slab(dicom_items: Sequence[bytes], options: Options | None = None) -> Slab:
-    """DICOM Part-10 items of one series (any order) -> model images [N, k, S, S] + slab metadata."""
+def preprocess_slab(
+    dicom_items: Sequence[bytes], options: Options | None = None, contract: ModelContract | None = None
+) -> Slab:
+    """DICOM Part-10 items of one series (any order) -> model images [N, k, S, S] + slab metadata.
+
+    ``contract``: the served model's input contract (``preprocess_backend.contract``), checked per item.
+    """
     options = options or Options()
-    return preprocess_decoded(decode_items(dicom_items, options), options)
+    return preprocess_decoded(decode_items(dicom_items, options, contract=contract), options)
 
 
 # ----------------------------------------------------------------------------- postprocess

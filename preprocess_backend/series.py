@@ -87,6 +87,8 @@ class SeriesReport:
     inconsistent: list[str] = field(default_factory=list)  # human-readable geometry problems
     other_series: list[str] = field(default_factory=list)  # series left out when mixing was allowed
     median_spacing_mm: float | None = None
+    # leniency applied (empty UIDs filled in, a decoder fallback, ...): not defects, but said in results
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -136,12 +138,40 @@ class Series:
         return np.stack([s.hu for s in self.slices])
 
 
+DERIVED_KEY_PREFIX = "derived:"
+
+
+def series_key(s: DecodedSlice | DicomHeader) -> str:
+    """SeriesInstanceUID; where a real archive left it empty, a key from what a series shares:
+    FrameOfReferenceUID (else StudyInstanceUID), orientation and pixel spacing (rounded)."""
+    if s.series_instance_uid:
+        return s.series_instance_uid
+
+    def fmt(values: Sequence[float] | None, digits: int) -> str:
+        return "-" if values is None else "/".join(f"{round(float(v), digits) + 0.0:.{digits}f}" for v in values)
+
+    frame = s.frame_of_reference_uid or s.study_instance_uid or "-"
+    return f"{DERIVED_KEY_PREFIX}{frame}:{fmt(s.orientation, 3)}:{fmt(s.pixel_spacing, 4)}"
+
+
 def group_by_series(slices: Sequence[DecodedSlice]) -> dict[str, list[DecodedSlice]]:
-    """SeriesInstanceUID -> slices, in first-seen order."""
+    """Series key (``series_key``: SeriesInstanceUID, or a derived key when empty) -> slices, first-seen order."""
     groups: dict[str, list[DecodedSlice]] = {}
     for s in slices:
-        groups.setdefault(s.series_instance_uid, []).append(s)
+        groups.setdefault(series_key(s), []).append(s)
     return groups
+
+
+def _leniency_warnings(slices: Sequence[DecodedSlice], key: str) -> list[str]:
+    """Per-slice warnings counted once each, plus the derived series key when one was used."""
+    counts: dict[str, int] = {}
+    for s in slices:
+        for w in s.warnings:
+            counts[w] = counts.get(w, 0) + 1
+    out = [f"{n} slice(s): {w}" for w, n in counts.items()]
+    if key.startswith(DERIVED_KEY_PREFIX):
+        out.append(f"SeriesInstanceUID empty: slices grouped by FrameOfReferenceUID + orientation + spacing ({key})")
+    return out
 
 
 def _check_geometry(slices: Sequence[DecodedSlice], report: SeriesReport) -> None:
@@ -176,6 +206,7 @@ def assemble_series(slices: Sequence[DecodedSlice], allow_mixed: bool = False) -
         report.other_series = [uid for uid in groups if uid != keep]
         slices = groups[keep]
     uid = slices[0].series_instance_uid
+    report.warnings = _leniency_warnings(slices, series_key(slices[0]))
 
     unique: list[DecodedSlice] = []
     seen: set[tuple[str, int]] = set()
@@ -242,6 +273,7 @@ def slice_from_header(h: DicomHeader, **extra: Any) -> DecodedSlice:
         orientation=h.orientation,
         slice_thickness=h.slice_thickness,
         instance_number=h.instance_number,
+        warnings=list(h.warnings),
         extra=dict(extra),
     )
 

@@ -196,11 +196,10 @@ def test_detect_image_radiograph(triton: object) -> None:
     image = rng.normal(1500, 200, (600, 480)).clip(0, 4000)
     item = make_slice(image, modality="DX", sop_class=DX_STORAGE, position=None, orientation=None,
                       spacing=(0.2, 0.2), intercept=0.0, window=(2000.0, 4000.0), photometric="MONOCHROME1")
-    with LesionClient(triton.grpc_url) as client:  # type: ignore[attr-defined]
-        result = client.detect_image(item, LOOSE)
-    assert result.num_slices == 1 and result.modality == "DX" and result.geometry is None and result.lesions == []
-    for d in result.detections:  # boxes in the radiograph's own pixel frame
-        assert d.slice_index == 0 and d.box_px[2] <= 480 + 1e-3 and d.box_px[3] <= 600 + 1e-3
+    with LesionClient(triton.grpc_url) as client, pytest.raises(InvalidInputError) as info:  # type: ignore[attr-defined]
+        client.detect_image(item, LOOSE)
+    # The model contract is CT only (preprocess_backend.contract): refused by the server, naming why.
+    assert info.value.status == "INVALID_ARGUMENT" and "modality 'DX' refused" in str(info.value)
 
 
 def test_detect_cli_prints_findings_and_writes_report(triton: object, sub_series: Path, tmp_path: Path,

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from preprocess_backend.contract import ModelContract
 from preprocess_backend.errors import DicomInputError
 from preprocess_backend.pipeline import SLAB_META_TENSORS, preprocess_slab
 from preprocess_backend.types import Limits, Options
@@ -23,8 +24,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         limits = Limits.from_dict({k[len("limit_"):]: int(v) for k, v in params.items() if k.startswith("limit_")})
+        # The model's input contract (contract_* parameters; defaults when a repository predates them):
+        # what it was trained to read. Items outside it are refused, never answered.
+        self.contract = ModelContract.from_params({"contract_window": params.get("window", "lung"), **params})
         self.defaults = Options(
-            window=params.get("window", "lung"),
+            window=self.contract.window,
             model_size=int(params.get("model_size", "512")),
             k=int(params.get("context_slices", "3")),
             image_dtype="uint8",
@@ -44,9 +48,8 @@ class TritonPythonModel:
             window = pb_utils.get_input_tensor_by_name(request, "window")
             if window is not None:
                 value = window.as_numpy().reshape(-1)[0]
-                options = Options.from_dict({**self.defaults.to_dict(), "window": _text(value)})
-                options.limits = self.defaults.limits
-            slab = preprocess_slab([bytes(x) for x in items.as_numpy().reshape(-1)], options)
+                self.contract.check_window(_text(value))  # another window feeds the model unseen input
+            slab = preprocess_slab([bytes(x) for x in items.as_numpy().reshape(-1)], options, contract=self.contract)
             arrays = slab.to_arrays()
             tensors = [pb_utils.Tensor("images", np.ascontiguousarray(slab.images))]
             tensors += [pb_utils.Tensor(name, np.ascontiguousarray(arrays[name])) for name in self.meta_names]
