@@ -1,4 +1,4 @@
-"""Training data: phantom CT series (real DICOM) -> windowed slices through the serving code -> crops.
+"""Training data: phantom CT series, or any ``damoyolo.data`` source (LUNA16, LIDC-IDRI, DICOM + CSV; real DICOM) -> windowed slices through the serving code -> crops.
 
 The images the detector learns from are made by the same preprocess_backend functions the
 Triton preprocess model runs (decode, HU, lung window, uint8 rounding, 2.5D stacking with
@@ -12,8 +12,9 @@ slice; thin end caps get no box), the same function evaluation scores against.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from tqdm import tqdm
 from ctlesion_phantoms import CaseTruth, PhantomConfig, generate_case
 from ctlesion_phantoms.truth import NoduleTruth
 from ctlesion_phantoms.volume import default_case_id
-from damoyolo.eval.truth_geometry import truth_slice_boxes, truth_slice_nodules
+from damoyolo.data.types import Case, Nodule
+from damoyolo.eval.truth_geometry import SeriesTruth, truth_slice_boxes, truth_slice_nodules
 from preprocess_backend.masks import LUNG
 from preprocess_backend.pipeline import decode_items, preprocess_decoded
 from preprocess_backend.stacking import stack_indices
@@ -35,7 +37,7 @@ class CaseData:
     windowed: np.ndarray  # uint8 [Z, H, W], lung window, position order
     boxes: dict[int, np.ndarray]  # slice -> [M, 4] xyxy px
     lung_slices: np.ndarray  # slice indices that contain lung (where negatives are drawn)
-    truth: CaseTruth
+    truth: CaseTruth | SeriesTruth
     box_nodules: dict[int, list[int]] = field(default_factory=dict)  # slice -> index in truth.nodules per box
 
 
@@ -55,6 +57,38 @@ def load_case(case_dir: Path, window: str = "lung") -> CaseData:
     lung = np.flatnonzero((slab.meta.anatomy & LUNG).reshape(len(windowed), -1).any(1))
     boxes = {k: v.astype(np.float32) for k, v in truth_slice_boxes(truth).items()}
     return CaseData(truth.case_id, windowed, boxes, lung, truth, truth_slice_nodules(truth))
+
+
+def load_source_case(case: Case, cache_dir: Path, window: str = "lung") -> CaseData:
+    """A ``damoyolo.data`` case (LUNA16, LIDC, DICOM + CSV) through the serving pipeline, like ``load_case``.
+
+    The windowed slices are kept in ``cache_dir`` as an .npy and memory-mapped: a LUNA16 scan is
+    about 80 MB of uint8, too many to hold in memory at once.
+    """
+    from damoyolo.eval.runner import order_series, series_files
+
+    series_dir = case.series_dir()
+    options = Options(window=window, k=1, image_dtype="uint8")
+    files, geometry = order_series(series_files(series_dir), options)
+    options = replace(options, model_size=geometry.rows)  # native pixels, as load_case
+    key = hashlib.sha256("\n".join([window, *geometry.sop_instance_uids]).encode()).hexdigest()[:12]
+    cache = Path(cache_dir) / f"{case.case_id[-40:]}-{key}.npz"  # keyed by the slices: a changed series is re-read
+    if cache.exists():
+        saved = np.load(cache)
+        windowed_path, lung = cache.with_suffix(".npy"), saved["lung"]
+    else:
+        slab = preprocess_decoded(decode_items([f.read_bytes() for f in files], options), options)
+        if [slab.meta.uid(i) for i in range(len(slab.meta))] != geometry.sop_instance_uids:
+            raise ValueError(f"{series_dir}: the decoded order differs from the header order")
+        lung = np.flatnonzero((slab.meta.anatomy & LUNG).reshape(len(slab.images), -1).any(1))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        windowed_path = cache.with_suffix(".npy")
+        np.save(windowed_path, np.ascontiguousarray(slab.images[:, 0]))
+        np.savez(cache, lung=lung)  # written last: its presence means the .npy is whole
+    windowed = np.load(windowed_path, mmap_mode="r")
+    truth = SeriesTruth(case.case_id, list(case.nodules), geometry, list(case.irrelevant))
+    boxes = {k: v.astype(np.float32) for k, v in truth_slice_boxes(truth).items()}
+    return CaseData(case.case_id, windowed, boxes, lung, truth, truth_slice_nodules(truth))
 
 
 def ensure_cases(root: Path, seeds: Sequence[int], config: PhantomConfig | None = None) -> list[Path]:
@@ -164,9 +198,10 @@ class CropSampler:
 HARD_MAX_DIAMETER_MM = 8.0
 
 
-def is_hard(nodule: NoduleTruth) -> bool:
+def is_hard(nodule: NoduleTruth | Nodule) -> bool:
     """What the held-out misses are made of: nodules touching the pleura or a vessel, and small ones."""
-    return nodule.attachment != "isolated" or nodule.diameter_mm < HARD_MAX_DIAMETER_MM
+    attached = getattr(nodule, "attachment", "unknown") not in ("isolated", "unknown")  # unknown: real data
+    return attached or nodule.diameter_mm < HARD_MAX_DIAMETER_MM
 
 
 def crop_boxes(boxes: np.ndarray, x0: int, y0: int, size: int, min_visible: float) -> np.ndarray:

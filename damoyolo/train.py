@@ -1,4 +1,5 @@
-"""Train DAMO-YOLO on phantom CT series: ``ctlesion train`` (CPU or CUDA, resumable, tqdm).
+"""Train DAMO-YOLO on phantom CT series, or on real data with ``--data luna16:DIR`` (``lidc:``,
+``dicomcsv:``) by fold: ``ctlesion train`` (CPU or CUDA, resumable, tqdm).
 
 Recipe (the article's, plus what detection training needs): AdamW (weight decay 1e-4), linear
 warm-up then cosine decay, EMA of the weights (what is saved and served), the article's
@@ -37,6 +38,7 @@ from tqdm import tqdm
 import damoyolo
 from ctlesion_phantoms import PhantomConfig, splits
 from damoyolo.augment import AugmentConfig, augment
+from damoyolo.data.types import DataError
 from damoyolo.dataset import CaseData, CropSampler, ensure_cases, load_cases
 from preprocess_backend.postprocess import threshold_nms
 from preprocess_backend.stacking import stack_indices
@@ -75,6 +77,13 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = all cores
     workers: int = 0  # processes making batches (and decoding series); 0 = in the training loop
     class_names: list[str] = field(default_factory=lambda: ["nodule"])
+    # real data instead of phantoms (damoyolo.data): "luna16:DIR", "lidc:DIR" or "dicomcsv:DIR"
+    data: str | None = None
+    folds: str | None = None  # training folds ("0-7", "0,2,5"); default: all but the validation and test folds
+    val_folds: str | None = None  # validation folds; default with test_fold: the fold after it
+    test_fold: int | None = None  # held out for ``ctlesion evaluate --fold`` (LUNA16: 10-fold CV by subset)
+    cache_dir: str = "work/cache"  # DICOM written from MetaImage volumes, windowed slices (.npy)
+    min_readers: int = 3  # LIDC: readers (of 4) that must agree on a >= 3 mm nodule
 
 
 class ModelEMA:
@@ -250,6 +259,42 @@ def _plain(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else str(value)
 
 
+def resolve_folds(cfg: TrainConfig, folds_total: int = 10) -> tuple[set[int], set[int]]:
+    """(training folds, validation folds); the test fold is in neither."""
+    from damoyolo.data import parse_folds
+
+    held = set() if cfg.test_fold is None else {cfg.test_fold}
+    val = parse_folds(cfg.val_folds)
+    if val is None:
+        if cfg.test_fold is None:
+            raise DataError("--data needs --val-folds (or --test-fold K: validation is then fold K+1)")
+        val = {(cfg.test_fold + 1) % folds_total}
+    train_folds = parse_folds(cfg.folds)
+    train_folds = set(range(folds_total)) if train_folds is None else train_folds
+    train_folds = train_folds - val - held
+    if not train_folds:
+        raise DataError("no training fold left after the validation and test folds")
+    return train_folds, val
+
+
+def load_data_cases(cfg: TrainConfig) -> tuple[list[CaseData], list[CaseData]]:
+    """Training and validation cases of ``cfg.data`` by fold, through the serving preprocessing."""
+    from damoyolo.data import open_source
+    from damoyolo.dataset import load_source_case
+
+    source = open_source(str(cfg.data), Path(cfg.cache_dir) / "dicom", cfg.min_readers)
+    train_folds, val_folds = resolve_folds(cfg)
+    windowed = Path(cfg.cache_dir) / "windowed"
+    picked = list(source.cases(train_folds | val_folds))
+    loaded = [load_source_case(c, windowed, cfg.window) for c in tqdm(picked, desc=f"read {source.name}", unit="case")]
+    train_cases = [d for c, d in zip(picked, loaded, strict=True) if c.fold in train_folds]
+    val_cases = [d for c, d in zip(picked, loaded, strict=True) if c.fold in val_folds]
+    if not train_cases or not val_cases:
+        raise DataError(f"{cfg.data}: {len(train_cases)} training cases (folds {sorted(train_folds)}), "
+                         f"{len(val_cases)} validation cases (folds {sorted(val_folds)}): need both")
+    return train_cases, val_cases
+
+
 def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) a training; returns the summary written to OUT/summary.json."""
     out = Path(cfg.out_dir)
@@ -258,12 +303,15 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    data = Path(cfg.data_dir)
-    phantom = PhantomConfig() if cfg.phantom_slices_max is None else PhantomConfig(slices_max=cfg.phantom_slices_max)
-    train_dirs = ensure_cases(data / "train", [cfg.train_seed + i for i in range(cfg.train_cases)], phantom)
-    val_dirs = ensure_cases(data / "validation", [cfg.val_seed + i for i in range(cfg.val_cases)], phantom)
-    train_cases = load_cases(train_dirs, cfg.window, cfg.workers)
-    val_cases = load_cases(val_dirs, cfg.window, cfg.workers)
+    if cfg.data:
+        train_cases, val_cases = load_data_cases(cfg)
+    else:  # the default: phantoms, generated when missing
+        data = Path(cfg.data_dir)
+        phantom = PhantomConfig() if cfg.phantom_slices_max is None else PhantomConfig(slices_max=cfg.phantom_slices_max)
+        train_dirs = ensure_cases(data / "train", [cfg.train_seed + i for i in range(cfg.train_cases)], phantom)
+        val_dirs = ensure_cases(data / "validation", [cfg.val_seed + i for i in range(cfg.val_cases)], phantom)
+        train_cases = load_cases(train_dirs, cfg.window, cfg.workers)
+        val_cases = load_cases(val_dirs, cfg.window, cfg.workers)
     sampler = CropSampler(
         train_cases, crop=cfg.crop, k=cfg.k, p_positive=cfg.p_positive, hard_weight=cfg.hard_weight
     )
@@ -381,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-cases", type=int, default=d.train_cases)
     p.add_argument("--val-cases", type=int, default=d.val_cases)
     p.add_argument("--data-dir", default=d.data_dir, help="phantom cases are generated here if missing")
+    p.add_argument("--data", default=None, metavar="KIND:DIR",
+                   help="train on real data instead of phantoms: luna16:DIR, lidc:DIR or dicomcsv:DIR")
+    p.add_argument("--folds", default=None, help="with --data: training folds, e.g. 0-7 (default: all but validation and test)")
+    p.add_argument("--val-folds", default=None, help="with --data: validation folds (default: the fold after --test-fold)")
+    p.add_argument("--test-fold", type=int, default=None, help="with --data: the fold kept out for ctlesion evaluate --fold")
+    p.add_argument("--cache-dir", default=d.cache_dir, help="with --data: DICOM written from MetaImage, windowed slices")
+    p.add_argument("--min-readers", type=int, default=d.min_readers, help="lidc: readers of 4 agreeing on a nodule")
     p.add_argument("--out", default=d.out_dir, help="last.pt (resume), best.pt, summary.json")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch)
@@ -420,9 +475,14 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         crop=args.crop, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
         pretrained=args.pretrained, device=args.device, threads=args.threads, workers=args.workers,
-        hard_weight=args.hard_weight,
+        hard_weight=args.hard_weight, data=args.data, folds=args.folds, val_folds=args.val_folds,
+        test_fold=args.test_fold, cache_dir=args.cache_dir, min_readers=args.min_readers,
     )
-    train(cfg, resume=not args.no_resume, release=args.release, quiet=args.quiet)
+    try:
+            train(cfg, resume=not args.no_resume, release=args.release, quiet=args.quiet)
+    except (FileNotFoundError, DataError) as exc:
+        print(f"ctlesion train: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

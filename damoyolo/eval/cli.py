@@ -20,7 +20,7 @@ def _seed(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ctlesion evaluate", description="LUNA16 FROC / CPM and slice mAP of the detector on held-out phantoms")
+    p = argparse.ArgumentParser(prog="ctlesion evaluate", description="LUNA16 FROC / CPM and slice mAP of the detector on held-out phantoms, or with --data on LUNA16 / LIDC-IDRI / DICOM + CSV")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="PyTorch checkpoint (models/ctlesion_damoyolo.pt)")
     src.add_argument("--onnx", type=Path, help="ONNX detector (fp32 or INT8 QDQ), run with onnxruntime")
@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, default=EVAL_SCORE_THRESHOLD)
     p.add_argument("--window", default=None, help="window preset (default: the checkpoint's, else lung)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples for the CPM interval (0: none)")
+    p.add_argument("--data", default=None, metavar="KIND:DIR",
+                   help="score a real data set instead of phantoms: luna16:DIR, lidc:DIR or dicomcsv:DIR (official LUNA16 protocol)")
+    p.add_argument("--fold", default=None, help="with --data: the held-out fold(s), e.g. 0 or 0-9 (LUNA16: the subset)")
+    p.add_argument("--cache-dir", type=Path, default=Path("work/cache"), help="with --data: DICOM written from MetaImage volumes")
+    p.add_argument("--min-readers", type=int, default=3, help="lidc: readers of 4 agreeing on a nodule")
+    p.add_argument("--allow-trained-folds", action="store_true", help="with --data: score folds the checkpoint was trained on")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -46,15 +52,26 @@ def main(argv: list[str] | None = None) -> int:
         info.window = args.window
     options = eval_options(score_threshold=args.score_threshold, window=info.window, model_size=info.model_size, k=info.in_channels)
     try:
-        report = evaluate(
-            model_path, args.cases_dir, args.out, args.cases, args.seed, options=options, bootstrap=args.bootstrap,
-            progress=not args.no_progress, predictor=predictor,
-        )
+        if args.data:
+            from damoyolo.data import open_source, parse_folds
+            from damoyolo.eval.dataset_eval import evaluate_source
+
+            source = open_source(args.data, args.cache_dir / "dicom", args.min_readers)
+            report = evaluate_source(
+                predictor, source, parse_folds(args.fold), args.out, options, bootstrap=args.bootstrap,
+                progress=not args.no_progress, allow_trained_folds=args.allow_trained_folds,
+            )
+        else:
+            report = evaluate(
+                model_path, args.cases_dir, args.out, args.cases, args.seed, options=options, bootstrap=args.bootstrap,
+                progress=not args.no_progress, predictor=predictor,
+            )
     except (FileNotFoundError, ValueError, DicomInputError) as exc:
         print(f"ctlesion evaluate: {exc}", file=sys.stderr)
         return 2
     print(format_report(report))
-    print(f"\nwrote {args.out / 'metrics.json'} and {args.out / 'froc.png'}")
+    extra = " and candidates.csv (LUNA16 submission format)" if args.data else ""
+    print(f"\nwrote {args.out / 'metrics.json'}, {args.out / 'froc.png'}{extra}")
     return 0
 
 

@@ -52,6 +52,10 @@ class EvaluationReport:
     seconds: float
     options: dict[str, Any]
     per_case: list[dict[str, Any]] = field(default_factory=list)
+    protocol: str = "phantoms"  # or "luna16:fold K" etc. (damoyolo.eval.dataset_eval)
+    # the shipped operating threshold on held-out scans: sensitivity and false positives per scan
+    operating_point: dict[str, Any] = field(default_factory=dict)
+    fpr: dict[str, Any] | None = None  # the FPR model's declared rule / thresholds, None without FPR
 
     @property
     def target_met(self) -> bool:
@@ -61,6 +65,7 @@ class EvaluationReport:
         return {
             "model": asdict(self.model),
             "cases": self.cases,
+            "protocol": self.protocol,
             "target": {"cpm_min": 0.90, "sensitivity_at_4fp_min": 0.95, "min_diameter_mm": TARGET_MIN_DIAMETER_MM, "met": self.target_met},
             "froc_target": self.froc_target.to_dict(),
             "froc_all": self.froc_all.to_dict(),
@@ -68,6 +73,8 @@ class EvaluationReport:
             "seconds": self.seconds,
             "options": self.options,
             "per_case": self.per_case,
+            "operating_point": self.operating_point,
+            "fpr": self.fpr,
         }
 
 
@@ -117,12 +124,19 @@ def evaluate(
     progress: bool = True,
     predictor: tuple[PredictFn, ModelInfo] | None = None,
     phantom_config: PhantomConfig | None = None,
+    fpr_onnx: Path | None = None,
+    operating_threshold: float | None = None,
 ) -> EvaluationReport:
     """Evaluate a checkpoint (``.pt``) or ONNX file on held-out phantoms; writes metrics.json + froc.png.
 
     ``cases_dir`` (default ``out_dir/cases``) holds the phantoms of seeds seed..seed+cases-1; they are
     generated when missing. ``predictor`` overrides loading ``model_path`` (tests pass a fake).
+    ``fpr_onnx`` adds the served 3D false-positive reduction (its rule rescores the lesions); the 3D
+    size rule applies either way. ``operating_threshold`` (default: the FPR model's, else the
+    article's 0.3) is where sensitivity and false positives per scan are reported.
     """
+    from damoyolo.eval.fpr_stage import FprStage, second_stage
+
     if split_of(seed) in ("train", "validation"):
         log.warning("seed %d lies in the %s range: these are not held-out cases", seed, split_of(seed))
     out_dir = Path(out_dir)
@@ -134,6 +148,9 @@ def evaluate(
     options = options or eval_options(window=info.window, model_size=info.model_size, k=info.in_channels)
     case_dirs = ensure_cases(Path(cases_dir) if cases_dir else out_dir / "cases", cases, seed, progress, phantom_config)
 
+    stage = FprStage(Path(fpr_onnx)) if fpr_onnx is not None else None
+    if operating_threshold is None:
+        operating_threshold = stage.info.operating_threshold if stage is not None else 0.3
     t0 = time.perf_counter()
     results: list[CaseResult] = []
     map_preds: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -142,7 +159,8 @@ def evaluate(
     for case_dir in _tqdm(iterable=case_dirs, desc="evaluate", unit="case", disable=not progress):
         truth = CaseTruth.load(case_dir / "truth.json")
         tc = time.perf_counter()
-        dets, lesions = run_detector_on_case(predict_fn, case_dir, options)
+        dets, candidates = run_detector_on_case(predict_fn, case_dir, options)
+        lesions = second_stage(case_dir, candidates, stage)
         cr = case_result(lesions, truth)
         results.append(cr)
         p, g = slice_map_inputs(dets, truth)
@@ -155,7 +173,9 @@ def evaluate(
                 "slices": truth.geometry.slices,
                 "nodules": [{"nodule_id": n.nodule_id, "diameter_mm": n.diameter_mm, "type": n.type, "attachment": n.attachment} for n in truth.nodules],
                 "detections": len(dets),
+                "candidates": len(candidates),
                 "lesions": len(lesions),
+                "findings_at_operating_point": sum(les.max_score >= operating_threshold for les in lesions),
                 "seconds": round(time.perf_counter() - tc, 2),
                 "match": cr.match.to_dict(),
             }
@@ -169,6 +189,10 @@ def evaluate(
         seconds=round(time.perf_counter() - t0, 1),
         options=options.to_dict(),
         per_case=per_case,
+        operating_point=operating_point_stats(results, operating_threshold),
+        fpr=None if stage is None else {"onnx": str(fpr_onnx), "rule": stage.info.rule,
+                                        "operating_threshold": stage.info.operating_threshold,
+                                        "candidate_threshold": stage.info.candidate_threshold},  # fmt: skip
     )
     (out_dir / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     plot_froc({f"nodules >= {TARGET_MIN_DIAMETER_MM:g} mm": report.froc_target, "all nodules": report.froc_all}, out_dir / "froc.png", title=Path(info.source).name)
@@ -176,12 +200,40 @@ def evaluate(
 
 
 
+def operating_point_stats(results: list[CaseResult], threshold: float, min_diameter_mm: float = 0.0) -> dict[str, Any]:
+    """Sensitivity (LUNA16 hits) and false positives per scan of the findings at ``threshold``,
+    with bootstrap 95 % intervals over scans."""
+    per_case = []
+    for r in results:
+        m = r.match
+        nod = [n for n in r.nodules if n.diameter_mm >= min_diameter_mm]
+        best = [m.nodule_best_score.get(n.nodule_id, float("nan")) for n in nod]
+        hit = sum(1 for b in best if np.isfinite(b) and b >= threshold)
+        fp = sum(1 for i, s in enumerate(m.lesion_scores) if s >= threshold and m.lesion_nodule[i] is None and not m.ignored(i))
+        per_case.append((hit, len(nod), fp))
+    arr = np.asarray(per_case, dtype=np.float64).reshape(-1, 3)
+
+    def stats(a: np.ndarray) -> tuple[float, float]:
+        return float(a[:, 0].sum() / max(a[:, 1].sum(), 1)), float(a[:, 2].sum() / max(len(a), 1))
+
+    sens, fps = stats(arr)
+    rng = np.random.default_rng(0)
+    boot = np.array([stats(arr[rng.integers(0, len(arr), len(arr))]) for _ in range(1000)]) if len(arr) else np.zeros((1, 2))
+    return {
+        "threshold": round(float(threshold), 4), "sensitivity": round(sens, 4), "fp_per_scan": round(fps, 3),
+        "sensitivity_ci95": [round(float(v), 4) for v in np.percentile(boot[:, 0], [2.5, 97.5])],
+        "fp_per_scan_ci95": [round(float(v), 3) for v in np.percentile(boot[:, 1], [2.5, 97.5])],
+        "nodules": int(arr[:, 1].sum()), "scans": len(arr),
+    }
+
+
 def format_report(report: EvaluationReport) -> str:
     def ci(v: tuple[float, float] | None) -> str:
         return "" if v is None else f" [{v[0]:.3f}, {v[1]:.3f}]"
 
     lines = [f"model {report.model.source} ({report.model.backend}), {report.cases} cases, {report.seconds:.0f} s"]
-    for name, r in (("nodules >= 4 mm (target)", report.froc_target), ("all nodules", report.froc_all)):
+    everything = "all nodules" if report.protocol == "phantoms" else f"all nodules, {report.protocol} (the LUNA16 figure)"
+    for name, r in (("nodules >= 4 mm (target)", report.froc_target), (everything, report.froc_all)):
         lines.append("")
         lines.append(f"{name}: {r.nodules} nodules in {r.scans} scans, {r.candidates} candidates, {r.false_positives} FP candidates")
         lines.append(f"  CPM {r.cpm:.3f}{ci(r.cpm_ci)}")

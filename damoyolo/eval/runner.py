@@ -34,7 +34,7 @@ def eval_options(**overrides: Any) -> Options:
     return replace(Options(score_threshold=EVAL_SCORE_THRESHOLD, image_dtype="float32"), **overrides)
 
 
-def _series_files(case_dir: Path) -> list[Path]:
+def series_files(case_dir: Path) -> list[Path]:
     d = Path(case_dir)
     d = d / "series" if (d / "series").is_dir() else d
     files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in (".dcm", ""))
@@ -74,7 +74,7 @@ def run_detector_on_case(
     options = options or eval_options()
     if slab_size < 1 or halo < 0:
         raise ValueError("slab_size must be >= 1 and halo >= 0")
-    files, geometry = order_series(_series_files(case_dir), options)
+    files, geometry = order_series(series_files(case_dir), options)
     detections: list[Detection] = []
     for plan in plan_slabs(len(files), slab_size, halo):
         lo, hi = plan.send_start, plan.send_stop

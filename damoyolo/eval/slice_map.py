@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ctlesion_phantoms.truth import CaseTruth
-from damoyolo.eval.truth_geometry import truth_slice_boxes
+from damoyolo.eval.truth_geometry import SeriesTruth, num_slices, truth_slice_boxes
 from preprocess_backend.types import Detection
 
 
@@ -61,7 +61,7 @@ def slice_map(
 
 
 def slice_map_inputs(
-    detections: Sequence[Detection], truth: CaseTruth, **truth_kw: float
+    detections: Sequence[Detection], truth: CaseTruth | SeriesTruth, **truth_kw: float
 ) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
     """One image per slice of the series (empty slices included) for ``slice_map``."""
     boxes = truth_slice_boxes(truth, **truth_kw)
@@ -69,7 +69,7 @@ def slice_map_inputs(
     by_slice: dict[int, list[Detection]] = {}
     for d in detections:
         by_slice.setdefault(d.slice_index, []).append(d)
-    for k in range(truth.geometry.slices):
+    for k in range(num_slices(truth)):
         ds = by_slice.get(k, [])
         preds.append(
             (

@@ -1,0 +1,123 @@
+"""The official LUNA16 protocol on a real data set (``ctlesion evaluate --data luna16:DIR --fold K``).
+
+Each scan of the held-out fold(s) runs through the serving pipeline (``run_detector_on_case`` on
+its DICOM series: LUNA16 volumes are read from the DICOM cache ``damoyolo.data`` writes), the 100
+best candidates per scan are kept, candidates on irrelevant findings (annotations_excluded.csv)
+are ignored, and FROC / CPM with a bootstrap over scans follow (``damoyolo.eval.froc``): the figure
+of ``froc_all``. The candidates are also written in the challenge's submission format
+(``candidates.csv``: seriesuid, coordX, coordY, coordZ, probability) so the official script can
+score the same run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from damoyolo.data.types import Case, CaseSource, DataError
+from damoyolo.eval.evaluation import EvaluationReport, _tqdm
+from damoyolo.eval.froc import MAX_CANDIDATES_PER_SCAN, TARGET_MIN_DIAMETER_MM, CaseResult, case_result, froc
+from damoyolo.eval.plots import plot_froc
+from damoyolo.eval.runner import (
+    ModelInfo,
+    PredictFn,
+    eval_options,
+    order_series,
+    run_detector_on_case,
+    series_files,
+)
+from damoyolo.eval.slice_map import slice_map, slice_map_inputs
+from damoyolo.eval.truth_geometry import SeriesTruth
+from preprocess_backend.types import Lesion, Options
+
+
+def _trained_folds(info: ModelInfo) -> set[int]:
+    """Folds the checkpoint was trained or validated on (from its meta), to refuse scoring on them."""
+    from damoyolo.data import parse_folds
+
+    cfg = info.meta.get("train_config") or {}
+    if not cfg.get("data"):
+        return set()
+    from damoyolo.train import TrainConfig, resolve_folds
+
+    known = {k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__}
+    try:
+        train_folds, val_folds = resolve_folds(TrainConfig(**known))
+    except DataError:
+        return parse_folds(cfg.get("folds")) or set()
+    return train_folds | val_folds
+
+
+def write_submission(path: Path, rows: list[tuple[str, Lesion]]) -> Path:
+    """LUNA16's CAD result format: one row per candidate."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seriesuid", "coordX", "coordY", "coordZ", "probability"])
+        for uid, les in rows:
+            w.writerow([uid, *(f"{v:.3f}" for v in les.centre_mm), f"{les.max_score:.6f}"])
+    return path
+
+
+def evaluate_source(
+    predictor: tuple[PredictFn, ModelInfo],
+    source: CaseSource,
+    folds: set[int] | None,
+    out_dir: Path,
+    options: Options | None = None,
+    bootstrap: int = 1000,
+    progress: bool = True,
+    allow_trained_folds: bool = False,
+) -> EvaluationReport:
+    """Score the scans of ``folds`` of ``source``; writes metrics.json, froc.png and candidates.csv."""
+    predict_fn, info = predictor
+    overlap = (folds or set()) & _trained_folds(info)
+    if overlap and not allow_trained_folds:
+        raise DataError(f"the checkpoint was trained or validated on fold(s) {sorted(overlap)}: not a held-out score")
+    options = options or eval_options(window=info.window, model_size=info.model_size, k=info.in_channels)
+    cases: list[Case] = list(source.cases(folds))
+    if not cases:
+        raise DataError(f"{source.name}: no scan in fold(s) {sorted(folds) if folds else 'all'}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results: list[CaseResult] = []
+    map_preds: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    map_gts: list[tuple[np.ndarray, np.ndarray]] = []
+    per_case: list[dict[str, Any]] = []
+    submission: list[tuple[str, Lesion]] = []
+    for case in _tqdm(iterable=cases, desc="evaluate", unit="scan", disable=not progress):
+        tc = time.perf_counter()
+        series_dir = case.series_dir()
+        dets, lesions = run_detector_on_case(predict_fn, series_dir, options)
+        _, geometry = order_series(series_files(series_dir), options)
+        truth = SeriesTruth(case.case_id, list(case.nodules), geometry, list(case.irrelevant))
+        cr = case_result(lesions, truth)
+        results.append(cr)
+        kept = sorted(lesions, key=lambda les: -les.max_score)[:MAX_CANDIDATES_PER_SCAN]
+        submission += [(case.case_id, les) for les in kept]
+        p, g = slice_map_inputs(dets, truth)
+        map_preds += p
+        map_gts += g
+        per_case.append({**case.to_dict(), "slices": truth.slices, "detections": len(dets), "lesions": len(lesions),
+                         "seconds": round(time.perf_counter() - tc, 2), "match": cr.match.to_dict()})
+    fold_text = "all folds" if folds is None else "fold " + ",".join(str(f) for f in sorted(folds))
+    report = EvaluationReport(
+        model=info,
+        cases=len(cases),
+        froc_target=froc(results, TARGET_MIN_DIAMETER_MM, bootstrap=bootstrap),
+        froc_all=froc(results, 0.0, bootstrap=bootstrap),
+        slice_map=slice_map(map_preds, map_gts),
+        seconds=round(time.perf_counter() - t0, 1),
+        options=options.to_dict(),
+        per_case=per_case,
+        protocol=f"{source.name} {fold_text}",
+    )
+    (out_dir / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    write_submission(out_dir / "candidates.csv", submission)
+    plot_froc({f"{source.name} {fold_text}": report.froc_all}, out_dir / "froc.png", title=Path(info.source).name)
+    return report
