@@ -1,14 +1,18 @@
 """The real tritonserver serving the ensemble, over gRPC on loopback (raw tritonclient calls).
 
-The client library's own end-to-end tests live in test_client_e2e.py; these pin the server's
+The client library's own end-to-end tests live in test_client_triton.py; these pin the server's
 contract: input / output tensors, optional options, INVALID_ARGUMENT for bad input with a message
-that names the item and the reason, and a server that stays ready afterwards.
+that names the item and the reason, and a server that stays ready afterwards. Outputs are checked
+on slabs of a held-out phantom series with known nodules (the ``phantom_case`` fixture), so an
+ensemble that returns nothing fails.
 """
 
 from __future__ import annotations
 
 import io
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -16,6 +20,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from dicom_factory import chest_phantom, make_slice, phantom_series
 from tritonclient.utils import InferenceServerException
+
+from ctlesion_phantoms.truth import CaseTruth, NoduleTruth
+from preprocess_backend.dicom_io import read_header
+from preprocess_backend.series import SeriesGeometry, assemble_headers
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -45,6 +53,60 @@ def small_series() -> list[bytes]:
     return phantom_series(chest_phantom(z=5, size=512, seed=1), shuffle_seed=3)
 
 
+@dataclass
+class NoduleSlab:
+    """Slices around one truth nodule of the phantom series, in position order."""
+
+    nodule: NoduleTruth
+    items: list[bytes]  # Part-10 bytes, position order
+    uids: list[str]  # SOPInstanceUID of each item
+    geometry: SeriesGeometry  # of these slices only (slice_index of a response indexes it)
+
+
+def _nodule_slabs(case_dir: Path, half: int = 4) -> list[NoduleSlab]:
+    """One slab of 2 * half + 1 slices centred on each truth nodule, largest nodule first."""
+    files = sorted(case_dir.rglob("*.dcm"))
+    series = assemble_headers([read_header(f) for f in files])
+    geometry = series.geometry
+    truth = CaseTruth.load(case_dir / "truth.json")
+    slabs = []
+    for nodule in sorted(truth.nodules, key=lambda n: -n.diameter_mm):
+        centre = int(np.argmin(np.abs(geometry.z - np.asarray(nodule.centre_mm) @ geometry.normal)))
+        lo = max(0, min(centre - half, len(series) - 2 * half - 1))
+        chosen = series.slices[lo : lo + 2 * half + 1]
+        slabs.append(NoduleSlab(
+            nodule=nodule,
+            items=[files[s.extra["item"]].read_bytes() for s in chosen],
+            uids=[s.sop_instance_uid for s in chosen],
+            geometry=SeriesGeometry(positions=geometry.positions[lo : lo + len(chosen)], orientation=geometry.orientation,
+                                    pixel_spacing=geometry.pixel_spacing, rows=geometry.rows, columns=geometry.columns),
+        ))
+    return slabs
+
+
+@pytest.fixture(scope="module")
+def nodule_slabs(phantom_case: Path) -> list[NoduleSlab]:
+    return _nodule_slabs(phantom_case)
+
+
+def _shuffled(items: list[bytes], seed: int = 7) -> list[bytes]:
+    order = np.random.default_rng(seed).permutation(len(items))
+    return [items[i] for i in order]
+
+
+def _centres_mm(out: dict[str, np.ndarray], geometry: SeriesGeometry) -> np.ndarray:
+    b = out["boxes_px"].astype(np.float64)
+    return geometry.pixel_to_patient(out["slice_index"], (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
+
+
+def _rows(out: dict[str, np.ndarray]) -> list[tuple]:
+    """Detections as comparable rows (uid, rounded box, rounded score), sorted."""
+    return sorted(
+        (u.decode(), *np.round(b, 2).tolist(), round(float(s), 4))
+        for u, b, s in zip(out["sop_instance_uid"], out["boxes_px"], out["scores"], strict=True)
+    )
+
+
 def test_metadata_matches_contract(triton: object) -> None:
     client = grpcclient.InferenceServerClient(triton.grpc_url)  # type: ignore[attr-defined]
     meta = client.get_model_metadata(ENSEMBLE)
@@ -54,37 +116,60 @@ def test_metadata_matches_contract(triton: object) -> None:
     assert config.dynamic_batching is not None and config.max_batch_size >= 16
 
 
-def test_outputs_are_consistent(triton: object, small_series: list[bytes]) -> None:
-    out = _infer(triton.grpc_url, small_series, score_threshold=0.05)  # type: ignore[attr-defined]
+def test_outputs_are_consistent(triton: object, nodule_slabs: list[NoduleSlab]) -> None:
+    """The largest truth nodule's slab, sent in shuffled order with the server's defaults: the
+    detector finds it, and every row of every output agrees with the slab it came from."""
+    slab = nodule_slabs[0]
+    out = _infer(triton.grpc_url, _shuffled(slab.items))  # type: ignore[attr-defined]
     n = out["scores"].shape[0]
-    assert out["boxes_px"].shape == (n, 4) and out["boxes_mm"].shape == (n, 4)
-    assert out["slice_index"].shape == (n,) and out["sop_instance_uid"].shape == (n,)
-    uids = {pydicom.dcmread(io.BytesIO(b)).SOPInstanceUID for b in small_series}
-    for uid in out["sop_instance_uid"]:
-        assert uid.decode() in uids
-    if n:
-        assert np.all(out["scores"] >= 0.05) and np.all((out["slice_index"] >= 0) & (out["slice_index"] < 5))
-        assert np.all(out["boxes_px"][:, 2] >= out["boxes_px"][:, 0])
+    assert n >= 1, f"no detection on the slab of a {slab.nodule.diameter_mm:.1f} mm nodule"
+    assert out["boxes_px"].shape == (n, 4) and out["boxes_mm"].shape == (n, 4) and out["mean_hu"].shape == (n,)
+    assert out["slice_index"].shape == (n,) and out["sop_instance_uid"].shape == (n,) and out["classes"].shape == (n,)
+    assert np.all(out["scores"] >= 0.3) and np.all(out["scores"] <= 1.0)  # the article's default threshold
+    # slice_index is the index after ordering by position: it names the same slice as the UID
+    assert np.all((out["slice_index"] >= 0) & (out["slice_index"] < len(slab.items)))
+    assert [u.decode() for u in out["sop_instance_uid"]] == [slab.uids[i] for i in out["slice_index"]]
+    b = out["boxes_px"]
+    assert np.all(b[:, 0] >= 0) and np.all(b[:, 1] >= 0) and np.all(b[:, 0] < b[:, 2]) and np.all(b[:, 1] < b[:, 3])
+    assert np.all(b[:, 2] <= slab.geometry.columns) and np.all(b[:, 3] <= slab.geometry.rows)
+    row_sp, col_sp = slab.geometry.pixel_spacing
+    np.testing.assert_allclose(out["boxes_mm"], b * np.array([col_sp, row_sp, col_sp, row_sp]), rtol=1e-5, atol=1e-3)
+    # LUNA16's criterion on one slice: some detection's centre within the nodule's radius of its centre
+    distance = np.linalg.norm(_centres_mm(out, slab.geometry) - np.asarray(slab.nodule.centre_mm), axis=1)
+    assert distance.min() < slab.nodule.diameter_mm / 2, (distance.min(), slab.nodule)
 
 
-def test_score_threshold_option_is_applied(triton: object, small_series: list[bytes]) -> None:
-    loose = _infer(triton.grpc_url, small_series, score_threshold=0.01, min_size_mm=0.0, max_size_mm=1000.0)  # type: ignore[attr-defined]
-    strict = _infer(triton.grpc_url, small_series, score_threshold=0.999, min_size_mm=0.0, max_size_mm=1000.0)  # type: ignore[attr-defined]
-    assert strict["scores"].shape[0] <= loose["scores"].shape[0]
-    assert np.all(strict["scores"] >= 0.999)
+def test_score_threshold_option_is_applied(triton: object, nodule_slabs: list[NoduleSlab]) -> None:
+    """Thresholding comes before greedy NMS, whose verdict on a box depends only on higher-scored
+    boxes: the detections at threshold t are exactly those at a lower threshold that score above t."""
+    url = triton.grpc_url  # type: ignore[attr-defined]
+    wide = {"min_size_mm": 0.0, "max_size_mm": 1000.0}
+    loose = _infer(url, nodule_slabs[0].items, score_threshold=0.02, **wide)
+    scores = np.sort(loose["scores"])
+    assert scores.size >= 4 and scores[0] >= 0.02, scores
+    t = float((scores[scores.size // 2 - 1] + scores[scores.size // 2]) / 2)  # between two scores
+    strict = _infer(url, nodule_slabs[0].items, score_threshold=t, **wide)
+    above = {k: v[loose["scores"] > t] for k, v in loose.items()}
+    assert 0 < len(strict["scores"]) < len(loose["scores"])
+    assert _rows(strict) == _rows(above)
+    nothing = _infer(url, nodule_slabs[0].items, score_threshold=1.0, **wide)
+    assert nothing["scores"].shape == (0,) and nothing["boxes_px"].shape == (0, 4)
 
 
-def test_radiograph_single_image(triton: object) -> None:
+def test_radiograph_is_refused_with_the_reason(triton: object) -> None:
+    """The detector reads CT only (preprocess_backend.contract): a radiograph is INVALID_ARGUMENT
+    naming the item and the modality, never boxes made up on an image the model has never seen."""
     rng = np.random.default_rng(0)
     image = rng.normal(1500, 200, (600, 480)).clip(0, 4000)
     item = make_slice(
         image, modality="DX", sop_class="1.2.840.10008.5.1.4.1.1.1.1", position=None, orientation=None,
         spacing=(0.2, 0.2), intercept=0.0, window=(2000.0, 4000.0), photometric="MONOCHROME1",
     )
-    out = _infer(triton.grpc_url, [item])  # type: ignore[attr-defined]
-    assert out["boxes_px"].shape[1] == 4
-    if out["scores"].size:  # boxes come back in the radiograph's own pixel frame
-        assert np.all(out["boxes_px"][:, 2] <= 480 + 1e-3) and np.all(out["boxes_px"][:, 3] <= 600 + 1e-3)
+    with pytest.raises(InferenceServerException) as info:
+        _infer(triton.grpc_url, [item], score_threshold=1e-4)  # type: ignore[attr-defined]
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    message = info.value.message()
+    assert "'DX'" in message and pydicom.dcmread(io.BytesIO(item)).SOPInstanceUID in message, message
 
 
 def _bad_inputs(good: bytes) -> dict[str, tuple[list[bytes], str]]:
@@ -145,14 +230,18 @@ def test_detector_runs_a_merged_batch_in_pieces_with_the_same_outputs(triton: ob
         np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4, err_msg=output.name)
 
 
-def test_concurrent_requests_get_their_own_answers(triton: object) -> None:
+def test_concurrent_requests_get_their_own_answers(triton: object, nodule_slabs: list[NoduleSlab]) -> None:
+    """Slabs around different nodules sent at once (dynamic batching merges them) get the answers
+    each gets alone, and none is empty."""
     url = triton.grpc_url  # type: ignore[attr-defined]
-    series = [phantom_series(chest_phantom(z=3, size=512, seed=s)) for s in range(4)]
-    expected = [{pydicom.dcmread(io.BytesIO(b)).SOPInstanceUID for b in items} for items in series]
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda items: _infer(url, items, score_threshold=0.05), series))
-    for out, uids in zip(results, expected, strict=True):
-        assert {u.decode() for u in out["sop_instance_uid"]} <= uids
+    slabs = [s.items for s in nodule_slabs[:4]]
+    alone = [_infer(url, items, score_threshold=0.05) for items in slabs]
+    with ThreadPoolExecutor(len(slabs)) as pool:
+        together = list(pool.map(lambda items: _infer(url, items, score_threshold=0.05), slabs))
+    for solo, merged, slab in zip(alone, together, nodule_slabs, strict=False):
+        assert len(solo["scores"]) >= 1
+        assert {u.decode() for u in merged["sop_instance_uid"]} <= set(slab.uids)
+        assert _rows(merged) == _rows(solo)
 
 
 def test_serve_command_stops_the_server_on_sigterm(cpu_repository) -> None:  # noqa: ANN001
