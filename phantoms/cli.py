@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ctlesion_phantoms.config import PhantomConfig
+from ctlesion_phantoms.config import PROFILES, PhantomConfig
 from ctlesion_phantoms.generate import generate_dataset
 
 
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-no-nodules", type=float, default=d.p_no_nodules, help=f"probability of a case without nodules (default {d.p_no_nodules})")
     p.add_argument("--min-diameter", type=float, default=d.diameter_mm[0], help=f"smallest nodule diameter mm (default {d.diameter_mm[0]})")
     p.add_argument("--max-diameter", type=float, default=d.diameter_mm[1], help=f"largest nodule diameter mm (default {d.diameter_mm[1]})")
+    p.add_argument("--profile", choices=PROFILES, default="default",
+                   help="default: the generator the committed model was trained on; wide: domain randomisation (docs/phantoms.md)")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             nodules_max=args.nodules_max,
             p_no_nodules=args.p_no_nodules,
             diameter_mm=(args.min_diameter, args.max_diameter),
+            profile=args.profile,
         )
     except ValueError as exc:
         print(f"invalid options: {exc}", file=sys.stderr)

@@ -73,21 +73,40 @@ def _template(truth: CaseTruth, identity: CaseIdentity, signed: bool, study_date
     ds.RescaleSlope = 1.0
     ds.RescaleType = "HU"
     ds.ConvolutionKernel = "SYNTH"
+    if truth.profile == "wide":  # the protocol of a wide case, as a scanner records it
+        sc = truth.scanner
+        ds.ManufacturerModelName = "synthetic wide"
+        ds.SeriesDescription = f"PHANTOM {truth.case_id} {sc.get('kernel', '')}"
+        ds.ConvolutionKernel = str(sc.get("kernel", "SYNTH"))
+        ds.KVP = int(sc.get("kvp", 120))
+        ds.ReconstructionDiameter = float(sc.get("fov_mm", g.columns * g.pixel_spacing[1]))
+        if sc.get("contrast"):
+            ds.ContrastBolusAgent = "IODINE"
     return ds
 
 
-def write_series(hu: np.ndarray, truth: CaseTruth, series_dir: Path, signed: bool = False) -> list[Path]:
+def write_series(
+    hu: np.ndarray, truth: CaseTruth, series_dir: Path, signed: bool = False,
+    outside: np.ndarray | None = None, padding_hu: float | None = None,
+) -> list[Path]:
     """Write hu [Z, H, W] (ascending z) as CT Image Storage files named in a seed-shuffled order.
 
     InstanceNumber follows position, but file names are random on purpose: a reader must order
-    the series by ImagePositionPatient, as with real exports.
+    the series by ImagePositionPatient, as with real exports. ``outside`` [H, W] with ``padding_hu``
+    (-3024 or -2048, as GE writes): those pixels get PixelPaddingValue (stored, signed int16).
     """
+    padded = outside is not None and padding_hu is not None
+    if padded:
+        signed = True  # the padding value is negative in stored units
     series_dir = Path(series_dir)
     series_dir.mkdir(parents=True, exist_ok=True)
     identity = CaseIdentity.for_seed(truth.seed, truth.case_id)
     rng = np.random.default_rng([truth.seed, 7919])
     study_date = f"2000{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
     template = _template(truth, identity, signed, study_date)
+    pad_stored = int(round(padding_hu - RESCALE_INTERCEPT)) if padded else 0
+    if padded:
+        template.PixelPaddingValue = pad_stored  # US/SS follows PixelRepresentation (signed here)
     positions = truth.geometry.slice_positions()
     names = rng.permutation(len(hu))
     paths: list[Path] = []
@@ -105,7 +124,10 @@ def write_series(hu: np.ndarray, truth: CaseTruth, series_dir: Path, signed: boo
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [round(float(v), 4) for v in positions[k]]
         ds.SliceLocation = round(float(positions[k][2]), 4)
-        ds.PixelData = to_stored(hu[k], signed).tobytes()
+        stored = to_stored(hu[k], signed)
+        if padded:
+            stored[outside] = pad_stored
+        ds.PixelData = stored.tobytes()
         path = series_dir / f"IM{int(names[k]):05d}_{rng.integers(16**6):06x}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

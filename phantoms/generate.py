@@ -14,6 +14,7 @@ from ctlesion_phantoms.config import PhantomConfig
 from ctlesion_phantoms.dicom_writer import write_series
 from ctlesion_phantoms.truth import CaseTruth
 from ctlesion_phantoms.volume import GENERATOR_VERSION, default_case_id, generate_volume
+from ctlesion_phantoms.wide_volume import WIDE_GENERATOR_VERSION
 
 
 def generate_case(seed: int, out_dir: Path, config: PhantomConfig | None = None, case_id: str | None = None) -> CaseTruth:
@@ -24,7 +25,8 @@ def generate_case(seed: int, out_dir: Path, config: PhantomConfig | None = None,
     case_dir = Path(out_dir) / case_id
     # about a third of scanners write signed int16 pixels: readers must handle both
     signed = bool(np.random.default_rng([seed, 104729]).random() < 0.3)
-    write_series(phantom.hu, phantom.truth, case_dir / "series", signed=signed)
+    padding_hu = phantom.truth.scanner.get("padding_hu") if phantom.outside is not None else None
+    write_series(phantom.hu, phantom.truth, case_dir / "series", signed=signed, outside=phantom.outside, padding_hu=padding_hu)
     phantom.truth.save(case_dir / "truth.json")
     return phantom.truth
 
@@ -74,7 +76,7 @@ def generate_dataset(
             if on_case:
                 on_case(entry)
     manifest = {
-        "generator_version": GENERATOR_VERSION,
+        "generator_version": WIDE_GENERATOR_VERSION if config.profile == "wide" else GENERATOR_VERSION,
         "seed": seed,
         "config": config.to_dict(),
         "cases": entries,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -85,16 +85,26 @@ class NoduleTruth:
     mean_hu: float  # intended mean HU inside the nodule before noise and blur
     core_diameter_mm: float | None = None  # part-solid only: diameter of the solid core
     side: str = ""  # "right" | "left" lung (patient side)
+    # additive (profile "wide" and the test generator fill them; "" = not recorded)
+    subtype: str = ""  # "" | "calcified" | "cavitary" (both solid by density)
+    margin: str = ""  # "" | "round" | "lobulated" | "spiculated"
+    is_mass: bool = False  # diameter > 30 mm: a mass, not a nodule (reported as such)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NoduleTruth:
-        d = dict(d)
+        d = _known(cls, d)
         d["centre_mm"] = tuple(d["centre_mm"])
         d["centre_voxel"] = tuple(d["centre_voxel"])
         return cls(**d)
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """Keys of ``d`` that ``cls`` has: truth written by a newer generator still loads (fields are additive)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
 
 
 @dataclass
@@ -109,6 +119,8 @@ class CaseTruth:
     noise_hu: float = 0.0
     psf_sigma_mm: float = 0.0
     generator_version: str = ""
+    profile: str = ""  # generator profile ("default", "wide") or the test generator's name
+    scanner: dict[str, Any] = field(default_factory=dict)  # additive: kernel, dose, padding, artefacts
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -118,7 +130,7 @@ class CaseTruth:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CaseTruth:
-        d = dict(d)
+        d = _known(cls, d)
         d["geometry"] = ScanGeometry.from_dict(d["geometry"])
         d["nodules"] = [NoduleTruth.from_dict(n) for n in d.get("nodules", [])]
         return cls(**d)

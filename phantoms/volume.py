@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +27,7 @@ class PhantomVolume:
     lung_mask: np.ndarray  # bool [Z, H, W], the lungs before vessels and nodules were drawn
     truth: CaseTruth
     vessels: np.ndarray  # [S, 8] vessel segments, grid mm (z, y, x, z, y, x, r0, r1)
+    outside: np.ndarray | None = None  # [H, W] outside the reconstruction circle (written as PixelPaddingValue)
 
 
 def default_case_id(seed: int) -> str:
@@ -45,12 +48,16 @@ class _Frame:
         return np.asarray(xyz, dtype=np.float64)[..., ::-1].copy()
 
 
-def _render_anatomy(params: an.AnatomyParams, geometry: ScanGeometry, placement: BodyPlacement) -> tuple[np.ndarray, np.ndarray]:
+def _render_anatomy(
+    params: an.AnatomyParams, geometry: ScanGeometry, placement: BodyPlacement, decorate: Callable[[an.AnatomyRenderer], Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """HU and lung mask slice by slice; ``decorate(renderer)`` may return f(slice, lung_k, z) drawing more."""
     ps_r, ps_c = geometry.pixel_spacing
     xs = geometry.origin[0] + np.arange(geometry.columns) * ps_c - placement.offset[0]
     ys = geometry.origin[1] + np.arange(geometry.rows) * ps_r - placement.offset[1]
     x, y = np.meshgrid(xs, ys)
     renderer = an.AnatomyRenderer(params, x, y)
+    extra = decorate(renderer) if decorate is not None else None
     lung_offset = renderer.lung_hu_offset()
     vol = np.empty((geometry.slices, geometry.rows, geometry.columns), dtype=np.float32)
     lung = np.empty(vol.shape, dtype=bool)
@@ -60,6 +67,8 @@ def _render_anatomy(params: an.AnatomyParams, geometry: ScanGeometry, placement:
         vol[k] = params.hu[lab]
         np.add(vol[k], lung_offset, out=vol[k], where=lung_k)
         lung[k] = lung_k
+        if extra is not None:
+            extra(vol[k], lung_k, z0 + k * geometry.slice_spacing)
     return vol, lung
 
 
@@ -97,23 +106,11 @@ def _roots(rng: np.random.Generator, frame: _Frame, start_body: np.ndarray, side
     return out
 
 
-def generate_volume(seed: int, config: PhantomConfig | None = None, case_id: str | None = None) -> PhantomVolume:
-    config = config or PhantomConfig()
-    case_id = case_id or default_case_id(seed)
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
-    r_geo, r_tree, r_nod, r_draw, r_scan, r_air = streams
-
-    pixel_spacing = sample_pixel_spacing(r_geo, config)
-    params = an.sample_anatomy(r_geo, config.matrix * pixel_spacing)
-    geometry, placement = sample_geometry(r_geo, config, params, pixel_spacing)
-    noise_hu = float(r_geo.uniform(*config.noise_hu))
-    psf_mm = float(r_geo.uniform(*config.psf_sigma_mm))
-    frame = _Frame(geometry, placement)
-
-    vol, lung = _render_anatomy(params, geometry, placement)
-    spacing = (geometry.slice_spacing, geometry.pixel_spacing[0], geometry.pixel_spacing[1])
-    grid = Grid(shape=vol.shape, spacing=spacing, soft=0.5 * pixel_spacing)
-
+def draw_tubes(
+    r_tree: np.random.Generator, r_air: np.random.Generator, config: PhantomConfig, params: an.AnatomyParams,
+    frame: _Frame, vol: np.ndarray, lung: np.ndarray, grid: Grid, z_shrink: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Great vessels, airways and the pulmonary vessel trees, drawn in place; returns (vessels, airways)."""
     H, B = params.lung_height, params.half_depth
     mw = params.mediastinum_half_width
     hilum = {
@@ -129,7 +126,7 @@ def generate_volume(seed: int, config: PhantomConfig | None = None, case_id: str
             v += occ * (params.hu[an.BLOOD] - v)
             lung[box] &= occ < 0.5
 
-    inside = lung_lookup(lung, spacing)
+    inside = lung_lookup(lung, grid.spacing)
     # airways: trachea -> carina -> main bronchi -> a few generations of bronchi
     r_tr = float(r_air.uniform(7.5, 10.5))
     carina = np.array([params.mediastinum_shift - 2, params.vertebra_y - params.vertebra_radius - r_tr - 8, params.carina_z])
@@ -145,7 +142,6 @@ def generate_volume(seed: int, config: PhantomConfig | None = None, case_id: str
         airway_roots += _roots(r_air, frame, bronchus_end[s], side, [(0.4, 0.1, 1.0), (0.5, 0.2, -1.0), (0.7, -0.5, -0.6)], (3.8, 5.0))
     airways = np.vstack([_to_grid_segments(frame, np.array(airway_body)),
                          grow_tree(r_air, airway_roots, inside, 1.4, 160, (4.0, 7.0), free_generations=1)])
-    z_shrink = max(0.0, (geometry.slice_thickness - 1.0) / 4.0)
 
     # pulmonary arteries from the hila, veins from the left atrium; each lung gets its own trees
     artery_dirs = [(0.3, 0.1, 1.0), (0.5, -0.5, 0.8), (1.0, 0.0, 0.2), (0.6, 0.6, -1.0), (0.6, -0.7, -0.8), (0.8, 0.1, -0.6), (0.3, 0.8, -0.3)]
@@ -157,7 +153,7 @@ def generate_volume(seed: int, config: PhantomConfig | None = None, case_id: str
         trees.append(grow_tree(r_tree, _roots(r_tree, frame, hilum[s], side, artery_dirs, (4.0, 6.0)), inside, config.vessel_min_radius_mm, per_tree))
         trees.append(grow_tree(r_tree, _roots(r_tree, frame, atrium[s], side, vein_dirs, (4.0, 5.5)), inside, config.vessel_min_radius_mm, per_tree))
     vessels = np.vstack(trees)
-    vgrid = Grid(shape=vol.shape, spacing=spacing, soft=grid.soft, z_shrink=z_shrink)
+    vgrid = Grid(shape=vol.shape, spacing=grid.spacing, soft=grid.soft, z_shrink=z_shrink)
     for seg in vessels:
         res = capsule_occupancy(vgrid, seg)
         if res is None:
@@ -184,6 +180,32 @@ def generate_volume(seed: int, config: PhantomConfig | None = None, case_id: str
             v = vol[box]
             v += occ * (-1000.0 - v)
 
+    return vessels, airways
+
+
+def generate_volume(seed: int, config: PhantomConfig | None = None, case_id: str | None = None) -> PhantomVolume:
+    config = config or PhantomConfig()
+    case_id = case_id or default_case_id(seed)
+    if config.profile == "wide":
+        from ctlesion_phantoms.wide_volume import generate_wide_volume  # imports this module
+
+        return generate_wide_volume(seed, config, case_id)
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
+    r_geo, r_tree, r_nod, r_draw, r_scan, r_air = streams
+
+    pixel_spacing = sample_pixel_spacing(r_geo, config)
+    params = an.sample_anatomy(r_geo, config.matrix * pixel_spacing)
+    geometry, placement = sample_geometry(r_geo, config, params, pixel_spacing)
+    noise_hu = float(r_geo.uniform(*config.noise_hu))
+    psf_mm = float(r_geo.uniform(*config.psf_sigma_mm))
+    frame = _Frame(geometry, placement)
+
+    vol, lung = _render_anatomy(params, geometry, placement)
+    spacing = (geometry.slice_spacing, geometry.pixel_spacing[0], geometry.pixel_spacing[1])
+    grid = Grid(shape=vol.shape, spacing=spacing, soft=0.5 * pixel_spacing)
+    z_shrink = max(0.0, (geometry.slice_thickness - 1.0) / 4.0)
+    vessels, airways = draw_tubes(r_tree, r_air, config, params, frame, vol, lung, grid, z_shrink)
+
     # nodules
     nodules = _place_nodules(r_nod, r_draw, config, vol, lung, grid, vessels, airways, geometry, placement, frame)
     identity = CaseIdentity.for_seed(seed, case_id)
@@ -200,6 +222,7 @@ def generate_volume(seed: int, config: PhantomConfig | None = None, case_id: str
         noise_hu=round(noise_hu, 2),
         psf_sigma_mm=round(psf_mm, 3),
         generator_version=GENERATOR_VERSION,
+        profile="default",
     )
     return PhantomVolume(hu=vol, lung_mask=lung, truth=truth, vessels=vessels)
 
