@@ -40,7 +40,7 @@ from ctlesion_phantoms import PhantomConfig, splits
 from damoyolo.augment import AugmentConfig, augment
 from damoyolo.data.types import DataError
 from damoyolo.dataset import CaseData, CropSampler, ensure_cases, load_cases
-from preprocess_backend.postprocess import threshold_nms
+from preprocess_backend.postprocess import pairwise_iou, threshold_nms
 from preprocess_backend.stacking import stack_indices
 
 
@@ -215,20 +215,12 @@ def validate(model: torch.nn.Module, val: ValSet, device: torch.device, batch: i
         if len(gt) == 0:
             fps += len(pb)
             continue
-        iou = _iou(pb, gt)
+        iou = pairwise_iou(pb, gt)
         hits += int((iou.max(0) >= 0.3).sum())
         fps += int((iou.max(1) < 0.3).sum())
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     out.update(recall_at_0_3=hits / max(total, 1), fp_per_slice_at_0_3=fps / len(val.images))
     return out
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod((rb - lt).clip(0), axis=2)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
 
 
 def release_state(model: torch.nn.Module, cfg: TrainConfig, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
