@@ -1,7 +1,7 @@
 """A plain DICOM folder plus a CSV: the format a hospital team can produce.
 
-``dicomcsv:DIR``: DIR holds one folder per scan (any depth; the folder's path relative to DIR, or
-the series' SeriesInstanceUID, names the case) and ``nodules.csv``::
+``dicomcsv:DIR``: DIR holds one folder per scan (any depth; the case is named by the folder's path
+relative to DIR, and the CSV may name it so or by its SeriesInstanceUID) and ``nodules.csv``::
 
     case,x_mm,y_mm,z_mm,diameter_mm,label,fold
     patient01/ct,-60.5,12.0,-130.25,8.5,nodule,0
@@ -53,7 +53,7 @@ class DicomCsvSource:
             rel = folder.relative_to(self.root).as_posix()
             uid = str(pydicom.dcmread(next(p for p in sorted(folder.iterdir()) if p.is_file() and pydicom.misc.is_dicom(p)),
                                       stop_before_pixels=True).SeriesInstanceUID)
-            key = rel if rel in rows else uid
+            key = rel if rel in rows or uid not in rows else uid  # the CSV may name a scan either way
             known.add(key)
             nodules: list[Nodule] = []
             irrelevant: list[Nodule] = []
@@ -66,7 +66,7 @@ class DicomCsvSource:
                     fold = int(r["fold"])
             if folds is not None and fold not in folds:
                 continue
-            yield Case(key, nodules, irrelevant, fold, str(folder), series=lambda f=folder: f)
+            yield Case(rel, nodules, irrelevant, fold, str(folder), series=lambda f=folder: f)
         missing = set(rows) - known
         if missing:
             raise FileNotFoundError(f"{CSV_NAME} names scans with no DICOM folder under {self.root}: {sorted(missing)[:5]}")
