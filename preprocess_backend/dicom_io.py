@@ -602,8 +602,13 @@ def _native_pixels(ds: Dataset, rows: int, cols: int, frames: int, bits: int, la
     arr = np.frombuffer(raw, dtype=dtype, count=rows * cols * frames).reshape(frames, rows, cols)
     stored = _int(_get(ds, "BitsStored"), bits) or bits
     if 0 < stored < bits:  # high bits may carry overlays or garbage: keep only the stored bits
+        # Checking first costs a read; masking a fresh copy costs ~10x that (new pages): copy only if needed.
         shift = bits - stored
-        arr = (arr << shift) >> shift if signed else arr & np.array((1 << stored) - 1, dtype=arr.dtype)
+        if signed:
+            if arr.min() < -(1 << (stored - 1)) or arr.max() >= 1 << (stored - 1):
+                arr = (arr << shift) >> shift
+        elif arr.max() >> stored:
+            arr = arr & np.array((1 << stored) - 1, dtype=arr.dtype)
     return arr
 
 

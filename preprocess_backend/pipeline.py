@@ -24,11 +24,10 @@ from preprocess_backend.errors import DicomInputError, LimitExceeded
 from preprocess_backend.letterbox import LetterboxTransform, block_mean, letterbox, resize
 from preprocess_backend.masks import BODY, LUNG, anatomy_mask
 from preprocess_backend.postprocess import (
-    box_sizes_mm,
-    mean_in_boxes,
+    batched_threshold_nms,
+    mean_in_boxes_sat,
     plausible_in_mask,
-    size_filter,
-    threshold_nms,
+    summed_area,
 )
 from preprocess_backend.series import SeriesReport, assemble_series
 from preprocess_backend.stacking import stack_indices
@@ -114,8 +113,12 @@ class Slab:
 # ----------------------------------------------------------------------------- preprocess
 
 
-def decode_items(dicom_items: Sequence[bytes], options: Options, contract: ModelContract | None = None) -> list[DecodedSlice]:
-    """Decode each item exactly once; errors name the SOPInstanceUID, or the item number if unreadable."""
+def decode_items(dicom_items: Sequence[bytes], options: Options, with_hu: bool = True, contract: ModelContract | None = None) -> list[DecodedSlice]:
+    """Decode each item exactly once; errors name the SOPInstanceUID, or the item number if unreadable.
+
+    ``with_hu=False`` (the serving path) skips the full-resolution float HU where the stored integers
+    are kept: ``preprocess_decoded`` works from those (``DecodedSlice.modality_values()`` otherwise).
+    """
     limits = options.limits
     if len(dicom_items) == 0:
         raise DicomInputError("request", "no DICOM items")
@@ -127,7 +130,7 @@ def decode_items(dicom_items: Sequence[bytes], options: Options, contract: Model
     slices: list[DecodedSlice] = []
     for i, item in enumerate(dicom_items):
         try:
-            slices.extend(decode_frames(item, None, limits, contract=contract))
+            slices.extend(decode_frames(item, None, limits, with_hu=with_hu, contract=contract))
         except DicomInputError as exc:
             if exc.source.startswith("<"):  # nothing better than a byte count: add the item number
                 raise type(exc)(f"item {i} {exc.source}", exc.reason) from None
@@ -144,6 +147,45 @@ def _lowres_hu(hu: np.ndarray, t: LetterboxTransform, f: int) -> np.ndarray:
         return block_mean(hu, f)  # the common 512 -> 512 case: exact 4 x 4 means
     out = np.full((hu.shape[0], lo.size, lo.size), AIR_HU, dtype=np.float32)
     out[:, lo.pad_y : lo.pad_y + lo.new_h, lo.pad_x : lo.pad_x + lo.new_w] = resize(hu, lo.new_h, lo.new_w)
+    return out
+
+
+def _block_sum(stored: np.ndarray, f: int, out: np.ndarray) -> None:
+    """Sums of f x f blocks of an integer [H, W] slice (H, W multiples of f) into int32 ``out``
+    (rows first, strided adds: what ``block_mean`` does, in integers)."""
+    rows = stored[0::f].astype(np.int32)
+    for d in range(1, f):
+        rows += stored[d::f]
+    np.copyto(out, rows[:, 0::f])
+    for d in range(1, f):
+        out += rows[:, d::f]
+
+
+def _lowres_hu_stored(ordered: Sequence[DecodedSlice], f: int) -> np.ndarray | None:
+    """``block_mean`` of HU made from block sums of the stored integers, or None where that is not
+    bit-identical: it is when HU are integers (integer slope and intercept) whose f x f sums float32
+    holds exactly, the common CT case (slope 1, intercept -1024)."""
+    z = len(ordered)
+    h, w = ordered[0].stored.shape if ordered[0].stored is not None else (0, 0)
+    if h == 0 or h % f or w % f:
+        return None
+    sums = np.empty((z, h // f, w // f), dtype=np.int32)
+    scale, shift = np.empty(z), np.empty(z)
+    for i, s in enumerate(ordered):
+        st = s.stored
+        slope, intercept = float(s.rescale_slope), float(s.rescale_intercept)
+        if st is None or st.shape != (h, w) or not slope.is_integer() or not intercept.is_integer():
+            return None
+        info = np.iinfo(st.dtype)
+        if (max(abs(info.min), abs(info.max)) * abs(slope) + abs(intercept)) * f * f >= 2**24 or info.bits > 16:
+            return None
+        _block_sum(st, f, sums[i])
+        scale[i], shift[i] = slope, intercept * f * f
+    hu_sum = sums.astype(np.float64)
+    hu_sum *= scale[:, None, None]
+    hu_sum += shift[:, None, None]  # exact integers: the float32 sum block_mean forms from HU
+    out = hu_sum.astype(np.float32)
+    out *= np.float32(1.0 / (f * f))
     return out
 
 
@@ -168,10 +210,17 @@ def preprocess_decoded(slices: Sequence[DecodedSlice], options: Options) -> Slab
         raise DicomInputError("options", f"image_dtype must be float32 or uint8, not {options.image_dtype!r}")
 
     # Window to integers 0..255 in both dtypes, so float32 training and uint8 serving see the same values.
+    # uint8 at native size: each slice is windowed straight into its own channel of the output
+    # (stored integers -> one exact multiply-add plan, windowing.StoredWindowPlan), the neighbours'
+    # channels are copies of it.
+    idx = stack_indices(z, options.k)
+    images = np.empty((z, options.k, size, size), dtype=np.uint8 if uint8 else np.float32)
+    mid = options.k // 2
     if t.is_identity:
-        windowed = np.empty((z, h, w), dtype=np.uint8)
+        windowed = images[:, mid] if uint8 else np.empty((z, h, w), dtype=np.uint8)
+        work = np.empty((h, w), dtype=np.float32)
         for i, s in enumerate(ordered):
-            windowed[i] = window_slice(s, options.window, options.window_function, dtype=np.uint8)
+            window_slice(s, options.window, options.window_function, dtype=np.uint8, out=windowed[i], work=work)
     else:
         full = np.empty((z, h, w), dtype=np.float32)
         for i, s in enumerate(ordered):
@@ -180,14 +229,16 @@ def preprocess_decoded(slices: Sequence[DecodedSlice], options: Options) -> Slab
         boxed += np.float32(0.5)
         np.clip(boxed, 0, 255, out=boxed)
         windowed = boxed.astype(np.uint8)
+    for c in range(options.k):  # one copy (+ cast) per channel and slice, straight into the output
+        if uint8 and t.is_identity and c == mid:
+            continue
+        for i in range(z):
+            images[i, c] = windowed[idx[i, c]]
 
-    idx = stack_indices(z, options.k)
-    images = np.empty((z, options.k, size, size), dtype=np.uint8 if uint8 else np.float32)
-    for c in range(options.k):  # one gather + cast per channel, straight into the output
-        images[:, c] = windowed[idx[:, c]]
-
-    hu = np.stack([s.hu for s in ordered]) if z > 1 else ordered[0].hu[None]
-    hu_lo = _lowres_hu(hu, t, f)
+    hu_lo = _lowres_hu_stored(ordered, f) if t.is_identity else None
+    if hu_lo is None:
+        hu = np.stack([s.modality_values() for s in ordered]) if z > 1 else ordered[0].modality_values()[None]
+        hu_lo = _lowres_hu(hu, t, f)
     is_ct = all(s.is_ct for s in ordered)
     anatomy = anatomy_mask(hu_lo) if is_ct else np.zeros(hu_lo.shape, dtype=np.uint8)
     np.clip(hu_lo, -32768, 32767, out=hu_lo)
@@ -213,7 +264,7 @@ def preprocess_slab(
     ``contract``: the served model's input contract (``preprocess_backend.contract``), checked per item.
     """
     options = options or Options()
-    return preprocess_decoded(decode_items(dicom_items, options, contract=contract), options)
+    return preprocess_decoded(decode_items(dicom_items, options, with_hu=False, contract=contract), options)
 
 
 # ----------------------------------------------------------------------------- postprocess
@@ -229,17 +280,79 @@ def _anatomy_bit(name: str) -> np.uint8 | None:
     raise DicomInputError("options", f"unknown anatomy filter {name!r} (lung | body | none)")
 
 
-def postprocess_slab(
+@dataclass
+class SlabFindings:
+    """Kept detections of a slab as arrays (by slice, then descending score within a slice)."""
+
+    slice_index: np.ndarray  # int64 [K]
+    boxes_px: np.ndarray  # float64 [K, 4] original pixels
+    boxes_mm: np.ndarray  # float64 [K, 4] in-plane mm (NaN without PixelSpacing)
+    scores: np.ndarray  # float32 [K]
+    classes: np.ndarray  # int32 [K]
+    mean_hu: np.ndarray  # float32 [K] (NaN when not CT)
+    diameter_mm: np.ndarray  # float64 [K] (NaN without PixelSpacing)
+    centres_mm: np.ndarray  # float64 [K, 3] patient LPS (NaN rows where the geometry is unknown)
+    meta: SlabMeta
+
+    def __len__(self) -> int:
+        return int(self.slice_index.size)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The ensemble's output tensors (docs/contracts.md); equal to ``detections_to_arrays(self.detections())``."""
+        return {
+            "boxes_px": self.boxes_px.astype(np.float32).reshape(-1, 4),
+            "boxes_mm": self.boxes_mm.astype(np.float32).reshape(-1, 4),
+            "scores": self.scores.astype(np.float32),
+            "classes": self.classes.astype(np.int32),
+            "slice_index": self.slice_index.astype(np.int32),
+            "sop_instance_uid": np.array([self.meta.uid(int(i)).encode() for i in self.slice_index], dtype=object),
+            "mean_hu": self.mean_hu.astype(np.float32),
+        }
+
+    def detections(self) -> list[Detection]:
+        frame = self.meta.info[:, 5]
+        known = np.all(np.isfinite(self.centres_mm), axis=1)
+        out = []
+        for j in range(len(self)):
+            i = int(self.slice_index[j])
+            out.append(
+                Detection(
+                    slice_index=i,
+                    sop_instance_uid=self.meta.uid(i),
+                    box_px=tuple(float(v) for v in self.boxes_px[j]),  # type: ignore[arg-type]
+                    box_mm=tuple(float(v) for v in self.boxes_mm[j]),  # type: ignore[arg-type]
+                    score=float(self.scores[j]),
+                    class_id=int(self.classes[j]),
+                    mean_hu=float(self.mean_hu[j]),
+                    diameter_mm=float(self.diameter_mm[j]),
+                    centre_mm=tuple(float(v) for v in self.centres_mm[j]) if known[j] else None,  # type: ignore[arg-type]
+                    frame_index=int(frame[i]),
+                )
+            )
+        return out
+
+
+def _transform_arrays(meta: SlabMeta, slices: np.ndarray, lowres: bool) -> tuple[np.ndarray, ...]:
+    """(scale_x, scale_y, pad_x, pad_y, src_w, src_h) per listed slice: ``LetterboxTransform``s as arrays."""
+    cols = []
+    for i in slices:
+        t = meta.lowres_transform(int(i)) if lowres else meta.transform(int(i))
+        cols.append((t.scale_x, t.scale_y, t.pad_x, t.pad_y, t.src_w, t.src_h))
+    return tuple(np.array(c, dtype=np.float64) for c in zip(*cols, strict=True)) if cols else (np.zeros(0),) * 6
+
+
+def postprocess_findings(
     scores: np.ndarray,
     boxes: np.ndarray,
     slab_meta: SlabMeta | Mapping[str, np.ndarray],
     options: Options | None = None,
-) -> list[Detection]:
-    """Detector output (model-input pixels) -> detections in original pixels and mm, filtered.
+) -> SlabFindings:
+    """Detector output (model-input pixels) -> kept detections in original pixels and mm, as arrays.
 
-    Per slice: score threshold + class-aware NMS, back through the letterbox, size filter in mm
-    (skipped where PixelSpacing is unknown), anatomical filter on the box centre (CT only), mean HU
-    over the box's central half, LPS centre where position / orientation are known.
+    Per slice, vectorised over the slab: score threshold + class-aware NMS, back through the
+    letterbox, size filter in mm (skipped where PixelSpacing is unknown), anatomical filter on the
+    box centre / overlap (CT only), mean HU over the box's central half, LPS centre where position /
+    orientation are known.
     """
     options = options or Options()
     meta = slab_meta if isinstance(slab_meta, SlabMeta) else SlabMeta.from_arrays(slab_meta)
@@ -251,66 +364,64 @@ def postprocess_slab(
     if scores.ndim != 3 or boxes.shape != (*scores.shape[:2], 4) or scores.shape[0] != n:
         raise DicomInputError("postprocess", f"scores {scores.shape} / boxes {boxes.shape} do not fit {n} slices")
 
-    candidates = np.nonzero((scores > np.float32(options.score_threshold)).any(axis=(1, 2)))[0]
-    out: list[Detection] = []
-    for i in candidates:  # only slices with something above threshold
-        kb, ks, kc = threshold_nms(
-            scores[i], boxes[i], options.score_threshold, options.nms_iou, options.max_detections, options.class_aware_nms
-        )
-        if ks.size == 0:
+    sl, kb, ks, kc = batched_threshold_nms(
+        scores, boxes, options.score_threshold, options.nms_iou, options.max_detections, options.class_aware_nms
+    )
+    slices = np.unique(sl)
+    slot = np.searchsorted(slices, sl)  # each box's row among the slices that have boxes
+    sx, sy, px, py, sw, sh = _transform_arrays(meta, slices, lowres=False)
+    orig = kb.astype(np.float64)
+    orig[:, 0::2] = np.clip((orig[:, 0::2] - px[slot, None]) / sx[slot, None], 0, sw[slot, None])
+    orig[:, 1::2] = np.clip((orig[:, 1::2] - py[slot, None]) / sy[slot, None], 0, sh[slot, None])
+
+    spacing = meta.spacing[slices].astype(np.float64)
+    has_spacing = np.all(np.isfinite(spacing) & (spacing > 0), axis=1)
+    row_sp, col_sp = spacing[slot, 0], spacing[slot, 1]
+    w_mm, h_mm = (orig[:, 2] - orig[:, 0]) * col_sp, (orig[:, 3] - orig[:, 1]) * row_sp
+    diam = np.maximum(w_mm, h_mm)
+    keep = ~has_spacing[slot] | ((diam >= options.min_size_mm) & (diam <= options.max_size_mm))
+
+    is_ct = meta.info[slices, 4].astype(bool)
+    lx, ly, lpx, lpy, _, _ = _transform_arrays(meta, slices, lowres=True)
+    lo_boxes = orig.copy()
+    lo_boxes[:, 0::2] = lo_boxes[:, 0::2] * lx[slot, None] + lpx[slot, None]
+    lo_boxes[:, 1::2] = lo_boxes[:, 1::2] * ly[slot, None] + lpy[slot, None]
+    for cls in np.unique(kc):
+        bit = _anatomy_bit(options.anatomy_for(int(cls)))
+        sel = np.flatnonzero((kc == cls) & is_ct[slot] & keep)
+        if bit is None or sel.size == 0:
             continue
-        t = meta.transform(i)
-        orig = t.to_original(kb)
-        orig[:, 0::2] = np.clip(orig[:, 0::2], 0, t.src_w)
-        orig[:, 1::2] = np.clip(orig[:, 1::2], 0, t.src_h)
-        spacing = meta.spacing[i].astype(np.float64)
-        has_spacing = bool(np.all(np.isfinite(spacing)) and np.all(spacing > 0))
-        keep = np.ones(ks.size, dtype=bool)
-        if has_spacing:
-            keep &= size_filter(orig, spacing, options.min_size_mm, options.max_size_mm)
-        is_ct = bool(meta.info[i, 4])
-        lo = meta.lowres_transform(i)
-        lo_boxes = lo.to_model(orig)
-        if is_ct:
-            for cls in np.unique(kc):
-                bit = _anatomy_bit(options.anatomy_for(int(cls)))
-                if bit is None:
-                    continue
-                sel = kc == cls
-                keep[sel] &= plausible_in_mask((meta.anatomy[i] & bit) > 0, lo_boxes[sel], min_overlap=options.anatomy_min_overlap)
-        if not keep.any():
-            continue
-        orig, ks, kc, lo_boxes = orig[keep], ks[keep], kc[keep], lo_boxes[keep]
-        mean_hu = mean_in_boxes(meta.hu[i], lo_boxes) if is_ct else np.full(ks.size, np.nan, np.float32)
-        if has_spacing:
-            w_mm, h_mm = box_sizes_mm(orig, spacing)
-            box_mm = np.stack([orig[:, 0] * spacing[1], orig[:, 1] * spacing[0], orig[:, 2] * spacing[1], orig[:, 3] * spacing[0]], axis=1)
-            diam = np.maximum(w_mm, h_mm)
-        else:
-            box_mm = np.full_like(orig, np.nan)
-            diam = np.full(ks.size, np.nan)
-        pos, iop = meta.position[i].astype(np.float64), meta.orientation[i].astype(np.float64)
-        centres = None
-        if has_spacing and np.all(np.isfinite(pos)) and np.all(np.isfinite(iop)):
-            cx, cy = (orig[:, 0] + orig[:, 2]) / 2, (orig[:, 1] + orig[:, 3]) / 2
-            centres = pos + (cx * spacing[1])[:, None] * iop[:3] + (cy * spacing[0])[:, None] * iop[3:]
-        uid = meta.uid(i)
-        for j in range(ks.size):
-            out.append(
-                Detection(
-                    slice_index=int(i),
-                    sop_instance_uid=uid,
-                    box_px=tuple(float(v) for v in orig[j]),  # type: ignore[arg-type]
-                    box_mm=tuple(float(v) for v in box_mm[j]),  # type: ignore[arg-type]
-                    score=float(ks[j]),
-                    class_id=int(kc[j]),
-                    mean_hu=float(mean_hu[j]),
-                    diameter_mm=float(diam[j]),
-                    centre_mm=None if centres is None else tuple(float(v) for v in centres[j]),  # type: ignore[arg-type]
-                    frame_index=int(meta.info[i, 5]),
-                )
-            )
-    return out
+        mask = (meta.anatomy[slices] & bit) > 0
+        keep[sel] &= plausible_in_mask(mask, lo_boxes[sel], min_overlap=options.anatomy_min_overlap, which=slot[sel])
+
+    sl, slot, orig, lo_boxes, ks, kc = sl[keep], slot[keep], orig[keep], lo_boxes[keep], ks[keep], kc[keep]
+    mean_hu = np.full(ks.size, np.nan, np.float32)
+    ct = is_ct[slot]
+    if ct.any():
+        used = np.unique(slot[ct])
+        sat = summed_area(meta.hu[slices[used]])
+        mean_hu[ct] = mean_in_boxes_sat(sat, lo_boxes[ct], which=np.searchsorted(used, slot[ct]))
+    spaced = has_spacing[slot]
+    row_sp, col_sp = np.where(spaced, spacing[slot, 0], np.nan), np.where(spaced, spacing[slot, 1], np.nan)
+    box_mm = np.stack([orig[:, 0] * col_sp, orig[:, 1] * row_sp, orig[:, 2] * col_sp, orig[:, 3] * row_sp], axis=1)
+    diam = np.maximum((orig[:, 2] - orig[:, 0]) * col_sp, (orig[:, 3] - orig[:, 1]) * row_sp)
+    pos = meta.position[sl].astype(np.float64)
+    iop = meta.orientation[sl].astype(np.float64)
+    cx, cy = (orig[:, 0] + orig[:, 2]) / 2, (orig[:, 1] + orig[:, 3]) / 2
+    centres = pos + (cx * col_sp)[:, None] * iop[:, :3] + (cy * row_sp)[:, None] * iop[:, 3:]
+    centres[~(spaced & np.all(np.isfinite(pos), axis=1) & np.all(np.isfinite(iop), axis=1))] = np.nan
+    return SlabFindings(sl, orig, box_mm, ks, kc, mean_hu, diam, centres, meta)
+
+
+def postprocess_slab(
+    scores: np.ndarray,
+    boxes: np.ndarray,
+    slab_meta: SlabMeta | Mapping[str, np.ndarray],
+    options: Options | None = None,
+) -> list[Detection]:
+    """Detector output (model-input pixels) -> detections in original pixels and mm, filtered
+    (``postprocess_findings`` as ``Detection`` objects)."""
+    return postprocess_findings(scores, boxes, slab_meta, options).detections()
 
 
 FINDING_TENSORS: tuple[tuple[str, str, tuple[int, ...]], ...] = (

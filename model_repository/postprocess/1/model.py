@@ -1,8 +1,9 @@
 """Triton Python model `postprocess`: decoded detector outputs -> findings per slice.
 
-A thin adapter over ``preprocess_backend.pipeline.postprocess_slab`` (score threshold, class-aware
+A thin adapter over ``preprocess_backend.pipeline.postprocess_findings`` (score threshold, class-aware
 NMS, letterbox inverse to original pixels, millimetres from PixelSpacing, anatomical and size
-filters, mean HU). Request options override the defaults of this model's config.
+filters, mean HU), whose arrays become the output tensors directly (no per-detection objects).
+Request options override the defaults of this model's config.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from preprocess_backend.errors import DicomInputError
-from preprocess_backend.pipeline import SLAB_META_TENSORS, detections_to_arrays, postprocess_slab
+from preprocess_backend.pipeline import SLAB_META_TENSORS, postprocess_findings
 from preprocess_backend.types import Options
 
 FLOAT_OPTIONS = ("score_threshold", "nms_iou", "min_size_mm", "max_size_mm")
@@ -40,13 +41,10 @@ class TritonPythonModel:
             scores = pb_utils.get_input_tensor_by_name(request, "scores").as_numpy()
             boxes = pb_utils.get_input_tensor_by_name(request, "boxes").as_numpy()
             meta = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.meta_names}
-            detections = postprocess_slab(scores, boxes, meta, options)
-            return pb_utils.InferenceResponse(output_tensors=_tensors(detections))
+            findings = postprocess_findings(scores, boxes, meta, options)
+            tensors = [pb_utils.Tensor(name, array) for name, array in findings.to_arrays().items()]
+            return pb_utils.InferenceResponse(output_tensors=tensors)
         except (DicomInputError, ValueError) as exc:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
             )
-
-
-def _tensors(detections: list) -> list:
-    return [pb_utils.Tensor(name, array) for name, array in detections_to_arrays(detections).items()]
