@@ -42,11 +42,15 @@ engine_name() {
   echo "detector_sm${cc}_trt${trt}.plan"
 }
 
+# The engine takes uint8 images, as the detector config declares: it is built from the uint8-input ONNX
+# (cast to float inside the graph), cached beside the plan as <plan stem>.onnx; build-repo checks that
+# ONNX, and the plan's manifest (<plan>.json), against the config before Triton sees the repository.
 serve_trt() {
-  local name onnx tmp
+  local name onnx tmp source
   name=$(engine_name) || { log "no GPU visible (nvidia-smi) or no TensorRT Python package: cannot build an engine"; return 1; }
-  if [ -s "$CACHE/$name" ]; then
-    log "cached engine $CACHE/$name"
+  source="$CACHE/${name%.plan}.onnx"
+  if [ -s "$CACHE/$name" ] && [ -s "$source" ]; then
+    log "cached engine $CACHE/$name (source $source)"
   else
     onnx="$ONNX_DIR/detector.onnx"
     [ "$PRECISION" = int8 ] && onnx="$ONNX_DIR/detector_int8_trt.onnx"
@@ -54,14 +58,16 @@ serve_trt() {
     log "no engine for this GPU / TensorRT in $CACHE: building $name ($PRECISION) from $onnx; this takes minutes"
     # Build into a private folder, then rename: pods sharing a cache volume never see half a plan.
     tmp=$(mktemp -d "$CACHE/.build-XXXXXX")
-    if ! ctlesion build-engine --onnx "$onnx" --precision "$PRECISION" --out "$tmp" \
+    if ! ctlesion build-engine --onnx "$onnx" --cast-uint8-input --precision "$PRECISION" --out "$tmp" \
          --max-batch "$MAX_BATCH" --timing-cache "$CACHE/timing-$name.cache" >&2; then
       rm -rf "$tmp"; log "engine build failed"; return 1
     fi
+    # source and manifest first, the plan last: a reader that sees the plan sees its source too
+    mv -f "$tmp/${name%.plan}.onnx" "$source"; mv -f "$tmp/$name.json" "$CACHE/$name.json"
     mv -f "$tmp/$name" "$CACHE/$name"; rm -rf "$tmp"
   fi
-  ctlesion build-repo --target gpu-trt --onnx "$ONNX_DIR/detector.onnx" --engine "$CACHE/$name" \
-    --out "$REPO" "${repo_args[@]}" >&2 || { log "build-repo gpu-trt failed"; return 1; }
+  ctlesion build-repo --target gpu-trt --onnx "$source" --engine "$CACHE/$name" \
+    --out "$REPO" "${repo_args[@]}" >&2 || { log "build-repo gpu-trt failed (I/O check above)"; return 1; }
   log "serving target gpu-trt ($name) from $REPO"
 }
 

@@ -3,12 +3,19 @@
 Targets
   cpu       the embedded default: detector = Python model running onnxruntime in-process (fp32 or int8)
   gpu-onnx  detector = Triton's onnxruntime backend on the GPU (optionally TensorRT EP, fp16 / int8)
-  gpu-trt   detector = tensorrt_plan engine(s), one per GPU compute capability
+  gpu-trt   detector = tensorrt_plan engine(s), one per GPU compute capability, built from the
+            uint8-input ONNX the config declares (``--onnx`` is that ONNX: ``ctlesion build-engine
+            --cast-uint8-input`` writes it beside the plan)
+  gpu-torch detector = Python model running the checkpoint in torch (fp16 CUDA graphs per batch
+            bucket; fp32 on the CPU where no CUDA is seen): served by the pytriton wheel's
+            tritonserver on a GPU node without the NGC image; pre / post instances from ``--cores``
 
 Every config.pbtxt is built as Triton's own ``ModelConfig`` protobuf (from tritonclient), so a
 config that does not fit Triton's schema cannot be written. Tensor shapes come from the ONNX model
 and from ``preprocess_backend`` (the meta tensors that cross from preprocess to postprocess), and
-the builder refuses a model whose input does not match the preprocess configuration.
+the builder refuses a model whose input does not match the preprocess configuration. After writing,
+every model's tensors are compared with its config (``ctlesion_export.repo_check``); a repository
+that Triton would refuse to load is removed and the build fails with the mismatches.
 """
 
 from __future__ import annotations
@@ -17,16 +24,18 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ctlesion_export.onnx_export import OnnxModelInfo, inspect_onnx
+from ctlesion_export.repo_check import MANIFEST_SUFFIX, CheckReport, IOMismatch, check_repository
 from preprocess_backend.contract import ModelContract
 from preprocess_backend.types import Limits
 
@@ -35,7 +44,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCES = REPO_ROOT / "model_repository"
 DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "ctlesion_damoyolo.pt"
-TARGETS = ("cpu", "gpu-onnx", "gpu-trt")
+TARGETS = ("cpu", "gpu-onnx", "gpu-trt", "gpu-torch")
 ENSEMBLE = "lesion_detection"
 
 _DTYPES = {
@@ -72,6 +81,13 @@ class RepoConfig:
     max_size_mm: float = 30.0
     max_detections: int = 100
     trt_precision: str = "fp16"  # gpu-onnx with TensorRT EP: fp16 | int8 | none
+    # gpu-torch: where the torch detector runs, its precision, CUDA graphs, and the node's cores that
+    # the preprocess / postprocess instances are scaled to (0: keep the *_instances counts above)
+    torch_device: str = "auto"  # auto | cuda | cpu
+    torch_fp16: str = "auto"  # auto (fp16 on CUDA) | true | false
+    torch_cuda_graphs: bool = True
+    torch_threads: int = 0  # CPU fallback: torch intra-op threads (0 = torch's default)
+    cores: int = 0
     # request refusal thresholds, written as the preprocess model's limit_* parameters
     limits: Limits = field(default_factory=Limits)
 
@@ -154,13 +170,52 @@ def detector_config(info: OnnxModelInfo, cfg: RepoConfig) -> mc.ModelConfig:
             accel.parameters["max_workspace_size_bytes"] = str(2 << 30)
             accel.parameters["trt_engine_cache_enable"] = "1"
             accel.parameters["trt_engine_cache_path"] = "/tmp/trt_cache"
+    elif cfg.target == "gpu-torch":
+        from ctlesion_export.torch_serving import buckets_up_to
+
+        config = mc.ModelConfig(name="detector", backend="python", max_batch_size=cfg.max_batch_size)
+        _params(config, {"checkpoint": TORCH_CHECKPOINT, "device": cfg.torch_device, "fp16": cfg.torch_fp16,
+                         "cuda_graphs": str(cfg.torch_cuda_graphs).lower(), "threads": cfg.torch_threads,
+                         "buckets": ",".join(str(b) for b in buckets_up_to(cfg.max_batch_size))})  # fmt: skip
     else:
         config = mc.ModelConfig(name="detector", platform="tensorrt_plan", max_batch_size=cfg.max_batch_size)
     _add_io(config.input, [TensorSpec("images", "uint8", (info.channels, info.height, info.width))])
     _add_io(config.output, [TensorSpec("scores", "float32", (anchors, classes)), TensorSpec("boxes", "float32", (anchors, 4))])
     config.dynamic_batching.max_queue_delay_microseconds = cfg.queue_delay_us
-    _instance(config, cfg.detector_instances, gpu=cfg.target != "cpu")
+    gpu = torch_on_cuda(cfg) if cfg.target == "gpu-torch" else cfg.target != "cpu"
+    _instance(config, cfg.detector_instances, gpu=gpu)
     return config
+
+
+TORCH_CHECKPOINT = "model.pt"
+# Per-slice CPU cost of preprocess : postprocess, which the node's cores are split by (issue 16's
+# targets, 1.5 ms and 0.5 ms a slice; `python -m ctlesion_bench.bench_preprocess` prints both).
+PRE_POST_COST = (3, 1)
+
+
+def torch_on_cuda(cfg: RepoConfig) -> bool:
+    """gpu-torch: a GPU instance when the torch detector runs on CUDA (auto: torch sees a GPU here)."""
+    if cfg.torch_device == "auto":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return cfg.torch_device.startswith("cuda")
+
+
+def scale_pre_post(cores: int) -> tuple[int, int]:
+    """(preprocess, postprocess) instances for a node's cores: one core is left to the server and the
+    detector's stub (the GPU does the detector's work), the rest split by ``PRE_POST_COST``."""
+    usable = max(2, cores - 1)
+    pre = min(usable - 1, max(1, round(usable * PRE_POST_COST[0] / sum(PRE_POST_COST))))
+    return pre, usable - pre
+
+
+def effective_config(cfg: RepoConfig) -> RepoConfig:
+    """``cfg`` with gpu-torch's pre / post instances scaled to ``cfg.cores`` (when > 0)."""
+    if cfg.target != "gpu-torch" or cfg.cores <= 0:
+        return cfg
+    pre, post = scale_pre_post(cfg.cores)
+    return replace(cfg, preprocess_instances=pre, postprocess_instances=post)
 
 
 def postprocess_config(info: OnnxModelInfo, cfg: RepoConfig) -> mc.ModelConfig:
@@ -263,8 +318,27 @@ def serving_onnx_with_uint8_input(src: Path, dst: Path) -> None:
     onnx.save(proto, str(dst))
 
 
-def build_repository(onnx_path: Path, out: Path, cfg: RepoConfig, engines: list[Path] | None = None) -> Path:
-    info = inspect_onnx(onnx_path)
+def build_repository(
+    onnx_path: Path | None, out: Path, cfg: RepoConfig, engines: list[Path] | None = None,
+    checkpoint: Path | None = None,
+) -> Path:
+    """Write the repository for ``cfg.target``.
+
+    gpu-trt: ``onnx_path`` is the (uint8-input) ONNX the ``engines`` were built from. gpu-torch:
+    ``checkpoint`` is what the detector serves (its shapes from ``onnx_path`` when given, else from a
+    probe run of the checkpoint: a GPU node needs no ONNX exporter for this target).
+    """
+    cfg = effective_config(cfg)
+    if cfg.target == "gpu-torch" and (checkpoint is None or not Path(checkpoint).is_file()):
+        raise ValueError(f"target gpu-torch needs the checkpoint it serves (--checkpoint), got {checkpoint}")
+    if onnx_path is None:
+        if cfg.target != "gpu-torch":
+            raise ValueError(f"target {cfg.target} needs the detector ONNX")
+        from ctlesion_export.torch_serving import model_info
+
+        info = model_info(Path(checkpoint))  # type: ignore[arg-type]
+    else:
+        info = inspect_onnx(onnx_path)
     check_consistency(info, cfg)
     if out.exists():
         shutil.rmtree(out)
@@ -281,11 +355,17 @@ def build_repository(onnx_path: Path, out: Path, cfg: RepoConfig, engines: list[
         shutil.copy2(onnx_path, det_dir / "1" / "model.onnx")
     elif cfg.target == "gpu-onnx":
         serving_onnx_with_uint8_input(onnx_path, det_dir / "1" / "model.onnx")
+    elif cfg.target == "gpu-torch":
+        _copy_python_model("detector_torch", det_dir)
+        shutil.copy2(checkpoint, det_dir / "1" / TORCH_CHECKPOINT)  # type: ignore[arg-type]
     else:
         if not engines:
             raise ValueError("target gpu-trt needs --engine (built with `ctlesion build-engine` on the serving GPU)")
         for engine in engines:
             shutil.copy2(engine, det_dir / "1" / engine.name)
+            manifest = engine.with_name(engine.name + MANIFEST_SUFFIX)  # build-engine's record of its tensors
+            if manifest.is_file():
+                shutil.copy2(manifest, det_dir / "1" / manifest.name)
             cc = _compute_capability_from_name(engine.name)
             if cc:
                 config.cc_model_filenames[cc] = engine.name
@@ -293,10 +373,30 @@ def build_repository(onnx_path: Path, out: Path, cfg: RepoConfig, engines: list[
     _write_config(det_dir, config)
     _write_config(out / ENSEMBLE, ensemble_config(info))
     (out / ENSEMBLE / "1").mkdir(exist_ok=True)
+    report = check_io(out, cfg, onnx_path)
     (out / "BUILD.json").write_text(
-        json.dumps({"onnx": str(onnx_path), "model": asdict_info(info), "config": asdict(cfg)}, indent=2)
+        json.dumps({"onnx": str(onnx_path), "model": asdict_info(info), "config": asdict(cfg),
+                    "io_check": asdict(report)}, indent=2)  # fmt: skip
     )
     return out
+
+
+def check_io(out: Path, cfg: RepoConfig, onnx_path: Path | None) -> CheckReport:
+    """Every model's tensors against its config; a repository Triton would refuse is removed."""
+    from ctlesion_export.torch_serving import probe_signature
+
+    try:
+        report = check_repository(out, engine_source_onnx=onnx_path if cfg.target == "gpu-trt" else None,
+                                  torch_probe=probe_signature)  # fmt: skip
+    except IOMismatch as exc:
+        shutil.rmtree(out, ignore_errors=True)
+        if cfg.target != "gpu-trt":
+            raise
+        raise IOMismatch([*exc.problems, "gpu-trt: build the engines from the uint8-input ONNX the config declares "
+                          "(`ctlesion build-engine --cast-uint8-input`) and pass that ONNX as --onnx"]) from None  # fmt: skip
+    for line in report.skipped:
+        log.warning("I/O check skipped: %s", line)
+    return report
 
 
 def asdict_info(info: OnnxModelInfo) -> dict[str, object]:
@@ -380,6 +480,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu target: run merged batches in pieces of at most N slices, bounding "
                              "onnxruntime's arena (0 = whole batch; default %(default)s)")  # fmt: skip
     parser.add_argument("--trt-precision", choices=("fp16", "int8", "none"), default="fp16")
+    torch_group = parser.add_argument_group("gpu-torch (the detector in torch inside tritonserver's Python backend)")
+    torch_group.add_argument("--cores", type=int, default=None, metavar="N",
+                             help="the node's cores the preprocess / postprocess instances are scaled to "
+                                  "(default: os.cpu_count() here; 0: use --preprocess/--postprocess-instances)")  # fmt: skip
+    torch_group.add_argument("--torch-device", default="auto", help="auto (CUDA when torch sees it) | cuda | cpu")
+    torch_group.add_argument("--torch-fp16", choices=("auto", "true", "false"), default="auto",
+                             help="auto: fp16 on CUDA, fp32 on the CPU")  # fmt: skip
+    torch_group.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly on CUDA (no graph capture)")
+    torch_group.add_argument("--torch-threads", type=int, default=0, help="CPU fallback: torch threads (0 = default)")
     parser.add_argument("--window", default="lung")
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--nms-iou", type=float, default=0.2)
@@ -413,21 +522,29 @@ def main(argv: list[str] | None = None) -> int:
         score_threshold=args.score_threshold,
         nms_iou=args.nms_iou,
         limits=Limits(**{spec.name: getattr(args, f"limit_{spec.name}") for spec in fields(Limits)}),
+        torch_device=args.torch_device,
+        torch_fp16=args.torch_fp16,
+        torch_cuda_graphs=not args.no_cuda_graphs,
+        torch_threads=args.torch_threads,
+        cores=(os.cpu_count() or 1) if args.cores is None else args.cores,
     )
+    gpu_torch = args.target == "gpu-torch"
     try:
         onnx_path = args.onnx
         sources = sorted(SOURCES.glob("*/1/model.py")) + [Path(__file__)]
-        if onnx_path is None:
+        if gpu_torch:  # the checkpoint itself is served; its bytes decide staleness
+            sources.append(args.checkpoint)
+        if onnx_path is None and not gpu_torch:
             from ctlesion_export.cli import export_checkpoint
 
             onnx_path = REPO_ROOT / "work" / "onnx" / (args.checkpoint.stem + ".onnx")
             export_if_changed(args.checkpoint, onnx_path, export_checkpoint)
         stamp = args.out / ".fingerprint"
-        fp = fingerprint([onnx_path, *sources, *(args.engine or [])], cfg)
+        fp = fingerprint([*([onnx_path] if onnx_path else []), *sources, *(args.engine or [])], cfg)
         if args.if_stale and stamp.exists() and stamp.read_text() == fp:
             print(f"model repository {args.out} is up to date")
             return 0
-        build_repository(onnx_path, args.out, cfg, args.engine)
+        build_repository(onnx_path, args.out, cfg, args.engine, checkpoint=args.checkpoint if gpu_torch else None)
         stamp.write_text(fp)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

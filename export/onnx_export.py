@@ -113,7 +113,9 @@ def _probe_output_shape(path: Path, input_dims: list[int]) -> list[int]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    image = np.zeros([1, *input_dims[1:]], dtype=np.float32)
+    # the serving ONNX of the GPU targets takes uint8 (cast inside the graph); the exported one float
+    dtype = np.uint8 if session.get_inputs()[0].type == "tensor(uint8)" else np.float32
+    image = np.zeros([1, *input_dims[1:]], dtype=dtype)
     (scores,) = session.run(["scores"], {INPUT_NAME: image})
     return list(scores.shape)
 

@@ -1,9 +1,17 @@
 """`ctlesion build-engine`: ONNX detector -> TensorRT 10 engine (FP16, or INT8 from the QDQ model).
 
-    ctlesion build-engine --onnx detector.onnx --precision fp16 --out engines/ \\
+    ctlesion build-engine --onnx detector.onnx --cast-uint8-input --precision fp16 --out engines/ \\
         [--min-batch 1 --opt-batch 8 --max-batch 32] [--timing-cache engines/timing.cache] [--check-dir DICOM_DIR]
 
 What it does
+- The engine's input is uint8, as every GPU target's detector config declares (the ensemble hands
+  the detector uint8 images). It is built from the uint8-input ONNX that casts to float inside the
+  graph (the one gpu-onnx serves). A float-input ONNX is refused, unless ``--cast-uint8-input``: then
+  that uint8-input ONNX is written beside the plan (``detector_sm90_trt10.5.onnx``) and built from;
+  pass it to ``ctlesion build-repo --target gpu-trt --onnx``, which checks it against the config.
+- Beside the plan, ``<plan>.json`` records the source ONNX's sha256 and the engine's own I/O tensors
+  as TensorRT reports them after the build; build-repo compares both with the config (also where
+  TensorRT is not installed).
 - Parses the ONNX file with TensorRT's ONNX parser into an explicit-batch network.
 - ``fp16``: FP16 kernels allowed. ``int8``: the input must be the INT8 QDQ model from
   ``ctlesion export --int8 --target tensorrt --int8-out work/export/detector_int8_trt.onnx`` (symmetric
@@ -32,8 +40,12 @@ On a GPU node, with the NGC image whose TensorRT matches the Triton server that 
 
     docker run --rm --gpus all -v $PWD:/work -w /work nvcr.io/nvidia/tensorrt:24.08-py3 bash -c \\
       'pip install -e . --no-deps && pip install numpy==1.26.4 pydicom==3.0.2 scipy onnx onnxruntime tqdm && \\
-       python -m ctlesion_export.tensorrt_engine --onnx work/export/detector_int8_trt.onnx --precision int8 \\
-         --out work/engines --timing-cache work/engines/timing.cache --check-dir work/phantoms/heldout'
+       python -m ctlesion_export.tensorrt_engine --onnx work/export/detector_int8_trt.onnx --cast-uint8-input \\
+         --precision int8 --out work/engines --timing-cache work/engines/timing.cache --check-dir work/phantoms/heldout'
+
+Verified where: nothing in this module has run on a GPU or with TensorRT (none was at hand); the
+source preparation (uint8 input, Q/DQ checks), engine naming and manifests are tested on the CPU
+(tests/test_export_tensorrt.py, tests/test_build_repo.py).
 
 In Kubernetes, run the same command as an init container of the Triton pod (same node, same GPU
 model, same image tag family as the server) writing into the model repository volume, so the engine
@@ -72,6 +84,7 @@ class BuildConfig:
     max_batch: int = 32
     timing_cache: Path | None = None
     workspace_gib: float = 4.0
+    cast_uint8_input: bool = False  # build from a uint8-input copy of a float-input ONNX (written beside the plan)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -87,6 +100,7 @@ class BuildResult:
     tensorrt_version: str
     precision: str
     seconds: float
+    source_onnx: Path | None = None  # what the engine was built from (uint8 input): build-repo's --onnx
 
 
 def engine_name(compute_capability: tuple[int, int], trt_version: str) -> str:
@@ -145,26 +159,57 @@ def check_symmetric_qdq(onnx_path: Path) -> None:
                                  "symmetric int8 Q/DQ: export with `ctlesion export --int8 --target tensorrt`")
 
 
-def build_engine(config: BuildConfig) -> BuildResult:
-    import time
+def prepare_source(config: BuildConfig, stem: str) -> Path:
+    """The ONNX the engine is built from: uint8 input (what the detector config declares), checked.
 
-    from ctlesion_export.onnx_export import INPUT_NAME, inspect_onnx
+    A float-input ONNX is refused unless ``cast_uint8_input``; then ``<out_dir>/<stem>.onnx`` is written
+    (input cast to float inside the graph, as gpu-onnx serves it) and returned. Needs no TensorRT.
+    """
+    from ctlesion_export.build_repo import serving_onnx_with_uint8_input
+    from ctlesion_export.onnx_export import inspect_onnx
+    from ctlesion_export.repo_check import onnx_signature
 
-    trt = require_tensorrt()
-    start = time.perf_counter()
     info = inspect_onnx(config.onnx)
     if config.precision == "int8" and not info.quantized:
         raise ValueError(f"{config.onnx} has no Q/DQ nodes: int8 needs the QDQ model from `ctlesion export --int8 --target tensorrt`")
     if config.precision == "int8":
         check_symmetric_qdq(config.onnx)
+    (image,) = onnx_signature(config.onnx).inputs
+    if image.dtype == "UINT8":
+        return config.onnx
+    if image.dtype != "FP32":
+        raise ValueError(f"{config.onnx}: input {image.name!r} is {image.dtype}; the detector takes UINT8 images")
+    if not config.cast_uint8_input:
+        raise ValueError(f"{config.onnx}: input {image.name!r} is FP32, but the detector config of every GPU target "
+                         "declares UINT8 (Triton would refuse the engine): build from the uint8-input ONNX, or pass "
+                         "--cast-uint8-input to write one beside the engine and build from it")  # fmt: skip
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    source = config.out_dir / f"{stem}.onnx"
+    serving_onnx_with_uint8_input(config.onnx, source)
+    log.info("input cast to uint8 inside the graph: building from %s", source)
+    return source
+
+
+def build_engine(config: BuildConfig) -> BuildResult:
+    import time
+
+    from ctlesion_export.onnx_export import INPUT_NAME, inspect_onnx
+    from ctlesion_export.repo_check import engine_signature, write_engine_manifest
+
+    trt = require_tensorrt()
+    start = time.perf_counter()
+    cc = compute_capability()
+    name = engine_name(cc, trt.__version__)
+    source = prepare_source(config, name.removesuffix(".plan"))
+    info = inspect_onnx(source)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(config.onnx)):
+    if not parser.parse_from_file(str(source)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {config.onnx}: {errors}")
+        raise RuntimeError(f"TensorRT could not parse {source}: {errors}")
 
     bconf = builder.create_builder_config()
     bconf.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * (1 << 30)))
@@ -184,14 +229,16 @@ def build_engine(config: BuildConfig) -> BuildResult:
     serialized = builder.build_serialized_network(network, bconf)
     if serialized is None:
         raise RuntimeError("TensorRT engine build failed (see the TensorRT log above)")
-    cc = compute_capability()
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    engine = config.out_dir / engine_name(cc, trt.__version__)
+    engine = config.out_dir / name
     engine.write_bytes(bytes(serialized))
+    built = trt.Runtime(logger).deserialize_cuda_engine(bytes(serialized))
+    write_engine_manifest(engine, source, engine_signature(built), precision=config.precision,
+                          tensorrt=trt.__version__, compute_capability=list(cc))  # fmt: skip
     if config.timing_cache:
         config.timing_cache.parent.mkdir(parents=True, exist_ok=True)
         config.timing_cache.write_bytes(bytes(bconf.get_timing_cache().serialize()))
-    return BuildResult(engine, cc, trt.__version__, config.precision, time.perf_counter() - start)
+    return BuildResult(engine, cc, trt.__version__, config.precision, time.perf_counter() - start, source)
 
 
 def _cudart() -> Any:
@@ -286,7 +333,13 @@ def check_engine(engine: Path, onnx_path: Path, images: np.ndarray, options: Any
     runner = EngineRunner(engine)
     outs = [runner(images[i : i + 4]) for i in range(0, len(images), 4)]
     test = (np.concatenate([o["scores"] for o in outs]), np.concatenate([o["boxes"] for o in outs]))
-    ref = run(session(onnx_path), images)
+    sess = session(onnx_path)
+    if sess.get_inputs()[0].type == "tensor(uint8)":  # the uint8-input source: same values, its own dtype
+        parts = [sess.run(["scores", "boxes"], {sess.get_inputs()[0].name: images[i : i + 8].astype(np.uint8)})
+                 for i in range(0, len(images), 8)]  # fmt: skip
+        ref = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    else:
+        ref = run(sess, images)
     return agreement(ref, test, options)
 
 
@@ -309,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Needs an NVIDIA GPU and TensorRT 10; see the module docstring for the NGC recipe.")
     p.add_argument("--onnx", type=Path, required=True, help="FP32 ONNX (fp16) or INT8 QDQ ONNX (int8)")
     p.add_argument("--precision", choices=PRECISIONS, required=True)
+    p.add_argument("--cast-uint8-input", action="store_true",
+                   help="--onnx takes float input: write its uint8-input copy beside the engine and build from it")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="folder for detector_sm<cc>_trt<ver>.plan")
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=8)
@@ -327,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         config = BuildConfig(args.onnx, args.precision, args.out, args.min_batch, args.opt_batch, args.max_batch,
-                             args.timing_cache, args.workspace_gib)
+                             args.timing_cache, args.workspace_gib, args.cast_uint8_input)
         if not args.onnx.is_file():
             raise FileNotFoundError(f"{args.onnx} not found")
         require_tensorrt()
@@ -339,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     result = build_engine(config)
     print(f"wrote {result.engine} (sm{result.compute_capability[0]}{result.compute_capability[1]}, "
-          f"TensorRT {result.tensorrt_version}, {result.precision}, {result.seconds:.0f} s)")
+          f"TensorRT {result.tensorrt_version}, {result.precision}, {result.seconds:.0f} s) from {result.source_onnx}")
     if args.no_check:
         return 0
     images = _check_images(args.onnx, args.check_dir, args.check_slices)

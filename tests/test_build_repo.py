@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,13 @@ from ctlesion_export.build_repo import (
     serving_onnx_with_uint8_input,
 )
 from ctlesion_export.onnx_export import export_onnx, inspect_onnx
+from ctlesion_export.repo_check import (
+    IOMismatch,
+    check_repository,
+    onnx_signature,
+    tensorrt_missing,
+    write_engine_manifest,
+)
 from preprocess_backend.pipeline import FINDING_TENSORS, SLAB_META_TENSORS
 from preprocess_backend.types import Limits
 
@@ -93,16 +102,101 @@ def test_refuses_unknown_target(small_onnx: Path, tmp_path: Path) -> None:
         build_repository(small_onnx, tmp_path / "r", RepoConfig(target="tpu"))
 
 
-def test_gpu_trt_needs_an_engine_and_maps_compute_capability(small_onnx: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def uint8_onnx(small_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The serving ONNX of the GPU targets: uint8 input, cast inside the graph (what engines are built from)."""
+    dst = tmp_path_factory.mktemp("u8") / "det_uint8.onnx"
+    serving_onnx_with_uint8_input(small_onnx, dst)
+    return dst
+
+
+def _plan(tmp: Path) -> Path:
+    # No TensorRT here: the plan's bytes are a placeholder. What is under test is the ONNX the engine is
+    # built from and the manifest build-engine writes beside it, both read for real.
+    engine = tmp / "detector_sm90_trt10.3.plan"
+    engine.write_bytes(b"plan bytes")
+    return engine
+
+
+def test_gpu_trt_refuses_engines_built_from_the_float_onnx(small_onnx: Path, tmp_path: Path) -> None:
+    """Yesterday's pairing: config declares UINT8 images, the engine came from the float32 ONNX."""
+    out = tmp_path / "r"
+    with pytest.raises(IOMismatch) as err:
+        build_repository(small_onnx, out, RepoConfig(target="gpu-trt"), engines=[_plan(tmp_path)])
+    message = str(err.value)
+    assert "detector: input 'images' is UINT8 in config.pbtxt but FP32 in det.onnx" in message
+    assert "--cast-uint8-input" in message
+    assert not out.exists()  # nothing left behind for Triton to load
+
+
+def test_gpu_trt_needs_an_engine_and_maps_compute_capability(uint8_onnx: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs --engine"):
-        build_repository(small_onnx, tmp_path / "r", RepoConfig(target="gpu-trt"))
-    engine = tmp_path / "detector_sm90_trt10.3.plan"
-    engine.write_bytes(b"plan bytes")  # placeholder file: only its name and copy are under test here
-    out = build_repository(small_onnx, tmp_path / "r2", RepoConfig(target="gpu-trt"), engines=[engine])
+        build_repository(uint8_onnx, tmp_path / "r", RepoConfig(target="gpu-trt"))
+    engine = _plan(tmp_path)
+    out = build_repository(uint8_onnx, tmp_path / "r2", RepoConfig(target="gpu-trt"), engines=[engine])
     det = _load(out / "detector" / "config.pbtxt")
     assert det.platform == "tensorrt_plan"
     assert det.cc_model_filenames["9.0"] == engine.name
     assert det.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    io_check = json.loads((out / "BUILD.json").read_text())["io_check"]
+    assert any("det_uint8.onnx, the engines' source ONNX" in line for line in io_check["checked"])
+    if tensorrt_missing():
+        assert any(engine.name in line and "TensorRT is not installed" in line for line in io_check["skipped"])
+
+
+def test_gpu_trt_checks_the_engine_manifest(uint8_onnx: Path, small_onnx: Path, tmp_path: Path) -> None:
+    """build-engine's manifest names the source ONNX by sha256 and records the engine's tensors."""
+    engine = _plan(tmp_path)
+    write_engine_manifest(engine, small_onnx, onnx_signature(small_onnx), precision="fp16")
+    with pytest.raises(IOMismatch) as err:
+        build_repository(uint8_onnx, tmp_path / "r", RepoConfig(target="gpu-trt"), engines=[engine])
+    message = str(err.value)
+    assert "detector: input 'images' is UINT8 in config.pbtxt but FP32 in detector_sm90_trt10.3.plan's build manifest" in message
+    assert "was built from det.onnx" in message and "not from det_uint8.onnx" in message
+    write_engine_manifest(engine, uint8_onnx, onnx_signature(uint8_onnx), precision="fp16")
+    out = build_repository(uint8_onnx, tmp_path / "r2", RepoConfig(target="gpu-trt"), engines=[engine])
+    assert (out / "detector" / "1" / (engine.name + ".json")).is_file()
+
+
+def test_gpu_onnx_with_the_float_onnx_is_refused(small_onnx: Path, tmp_path: Path) -> None:
+    out = build_repository(small_onnx, tmp_path / "r", RepoConfig(target="gpu-onnx"))
+    shutil.copy2(small_onnx, out / "detector" / "1" / "model.onnx")  # the float file where uint8 is declared
+    with pytest.raises(IOMismatch, match="detector: input 'images' is UINT8 in config.pbtxt but FP32 in model.onnx"):
+        check_repository(out)
+
+
+def test_cpu_detector_onnx_of_another_size_is_refused(small_onnx: Path, tmp_path: Path) -> None:
+    out = build_repository(small_onnx, tmp_path / "r", RepoConfig(target="cpu"))
+    _export(tmp_path, 96, name="m96.onnx")
+    shutil.copy2(tmp_path / "m96.onnx", out / "detector" / "1" / "model.onnx")
+    with pytest.raises(IOMismatch) as err:
+        check_repository(out)
+    assert "detector: input 'images' has shape [-1, 3, 64, 64] in config.pbtxt but [-1, 3, 96, 96]" in str(err.value)
+    assert "detector: output 'boxes' has shape [-1, 84, 4] in config.pbtxt but [-1, 189, 4]" in str(err.value)
+
+
+def test_python_models_are_checked_against_the_tensors_they_produce(small_onnx: Path, tmp_path: Path) -> None:
+    """A postprocess config whose meta tensor drifted from SLAB_META_TENSORS, and the wiring it breaks."""
+    out = build_repository(small_onnx, tmp_path / "r", RepoConfig(target="cpu"))
+    path = out / "postprocess" / "config.pbtxt"
+    config = _load(path)
+    name, dtype, _ = SLAB_META_TENSORS[0]
+    tensor = next(t for t in config.input if t.name == name)
+    tensor.data_type = mc.TYPE_FP32
+    path.write_text(text_format.MessageToString(config))
+    with pytest.raises(IOMismatch) as err:
+        check_repository(out)
+    want = {"int32": "INT32", "float32": "FP32", "int16": "INT16", "uint8": "UINT8"}.get(dtype, dtype)
+    assert f"postprocess: input {name!r} is FP32 in config.pbtxt but {want} in SLAB_META_TENSORS" in str(err.value)
+    assert f"postprocess: input {name!r} is FP32 [-1, " in str(err.value)  # the ensemble step's producer
+    assert "preprocess's output" in str(err.value)
+
+
+def test_a_correct_repository_passes_the_check(small_onnx: Path, tmp_path: Path) -> None:
+    out = build_repository(small_onnx, tmp_path / "r", RepoConfig(target="gpu-onnx"))
+    report = check_repository(out)
+    assert {line.split(":")[0] for line in report.checked} >= {"detector", "preprocess", "postprocess", ENSEMBLE}
+    assert not report.skipped
 
 
 def test_gpu_onnx_uint8_input_gives_the_same_outputs(small_onnx: Path, tmp_path: Path) -> None:

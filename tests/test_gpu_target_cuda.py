@@ -1,0 +1,78 @@
+"""The gpu-torch detector's CUDA path: fp16 CUDA graphs per batch bucket give the eager outputs.
+
+Skipped with a reason where torch sees no CUDA device (this project's CI and dev machines: it has
+not run yet); run on a GPU node with ``pytest -m gpu tests/test_gpu_target_cuda.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctlesion_export.torch_serving import TorchDetector, TorchServingConfig
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch"),
+]
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "ctlesion_damoyolo.pt"
+
+
+def _slices(n: int, size: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.full((n, 3, size, size), 200.0)
+    for i in range(n):
+        cy, cx = rng.uniform(0.3, 0.7, 2) * size
+        out[i, :, ((yy - cy) / (0.3 * size)) ** 2 + ((xx - cx) / (0.2 * size)) ** 2 < 1] = 40
+        out[i, :, (yy - cy) ** 2 + (xx - cx) ** 2 < (0.03 * size) ** 2] = 180
+    return (out + rng.normal(0, 5, out.shape)).clip(0, 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def detectors() -> tuple[TorchDetector, TorchDetector, TorchDetector]:
+    if not CHECKPOINT.exists():
+        pytest.skip(f"no trained checkpoint at {CHECKPOINT}")
+    graphs = TorchDetector(CHECKPOINT, TorchServingConfig(device="cuda", buckets=(1, 2, 4, 8)))
+    graphs.warmup()
+    eager16 = TorchDetector(CHECKPOINT, TorchServingConfig(device="cuda", cuda_graphs=False))
+    cpu32 = TorchDetector(CHECKPOINT, TorchServingConfig(device="cpu"))
+    return graphs, eager16, cpu32
+
+
+def test_graphs_are_captured_per_bucket(detectors: tuple[TorchDetector, ...]) -> None:
+    graphs, _, _ = detectors
+    assert graphs.fp16 and graphs.uses_graphs
+    assert sorted(graphs.graphs) == [1, 2, 4, 8]
+
+
+def test_graph_replay_equals_eager_fp16_for_every_bucket_and_odd_sizes(detectors: tuple[TorchDetector, ...]) -> None:
+    graphs, eager16, _ = detectors
+    images = _slices(19, graphs.size)
+    for n in (1, 3, 5, 8, 19):  # 3 and 5 pad into buckets 4 and 8; 19 runs as 8 + 8 + 3
+        before = dict(graphs.bucket_counts)
+        scores, boxes = graphs(images[:n])
+        ref_scores, ref_boxes = eager16(images[:n])
+        assert scores.shape == ref_scores.shape and scores.dtype == np.float32
+        np.testing.assert_allclose(scores, ref_scores, atol=2e-3)
+        np.testing.assert_allclose(boxes, ref_boxes, atol=0.5)
+        assert sum(graphs.bucket_counts.values()) > sum(before.values())
+    # padding rows never leak into the answer: a batch of 3 after a batch of 8 gives the batch-of-3 result
+    graphs(images[8:16])
+    again, _ = graphs(images[:3])
+    np.testing.assert_allclose(again, graphs(images[:3])[0], atol=0)
+
+
+def test_fp16_graphs_keep_the_fp32_cpu_detections(detectors: tuple[TorchDetector, ...]) -> None:
+    graphs, _, cpu32 = detectors
+    images = _slices(4, graphs.size)
+    scores16, boxes16 = graphs(images)
+    scores32, boxes32 = cpu32(images)
+    assert np.abs(scores16 - scores32).max() < 2e-2
+    top = np.argsort(-scores32[..., 0], axis=1)[:, :20]  # the boxes NMS would report first
+    rows = np.arange(len(images))[:, None]
+    assert np.abs(boxes16[rows, top] - boxes32[rows, top]).max() < 1.0

@@ -1,0 +1,170 @@
+"""The gpu-torch target on this CPU machine: the torch detector, its repository, and the real server.
+
+No GPU here: the detector runs fp32 on the CPU (the fallback); the CUDA-graph path is covered by
+tests/test_gpu_target_cuda.py (gpu-marked, skipped without CUDA). The end-to-end test serves the
+committed checkpoint through the gpu-torch repository and compares the client's detections with the
+cpu target's (onnxruntime) on the same series.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import CHECKPOINT
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from ctlesion_export.build_repo import RepoConfig, build_repository, scale_pre_post
+from ctlesion_export.torch_serving import (
+    TorchDetector,
+    TorchServingConfig,
+    bucket_for,
+    buckets_up_to,
+    run_merged,
+)
+
+
+def _load(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def _slices(n: int, size: int = 512, channels: int = 3) -> np.ndarray:
+    """uint8 images with lung-window structure (dark lungs, a bright blob), not flat noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.full((n, channels, size, size), 200.0)
+    for i in range(n):
+        cy, cx = rng.uniform(0.3, 0.7, 2) * size
+        out[i, :, ((yy - cy) / (0.3 * size)) ** 2 + ((xx - cx) / (0.2 * size)) ** 2 < 1] = 40
+        out[i, :, (yy - cy) ** 2 + (xx - cx) ** 2 < (0.03 * size) ** 2] = 180
+    return (out + rng.normal(0, 5, out.shape)).clip(0, 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Path:
+    if not CHECKPOINT.exists():
+        pytest.skip(f"no trained checkpoint at {CHECKPOINT}")
+    return CHECKPOINT
+
+
+@pytest.fixture(scope="module")
+def cpu_detector(checkpoint: Path) -> TorchDetector:
+    return TorchDetector(checkpoint, TorchServingConfig(device="cpu"))
+
+
+def test_buckets() -> None:
+    assert buckets_up_to(32) == (1, 2, 4, 8, 16, 32)
+    assert buckets_up_to(24) == (1, 2, 4, 8, 16, 24)
+    assert buckets_up_to(1) == (1,)
+    assert [bucket_for(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    with pytest.raises(ValueError, match="exceed"):
+        bucket_for(9, (1, 2, 4, 8))
+    with pytest.raises(ValueError, match="increasing"):
+        TorchServingConfig(buckets=(4, 2))
+
+
+def test_pre_post_instances_follow_the_cores() -> None:
+    assert scale_pre_post(16) == (11, 4)  # 15 cores for the Python steps, split 3 : 1 by their cost
+    assert scale_pre_post(2) == (1, 1)
+    assert scale_pre_post(1) == (1, 1)
+    assert sum(scale_pre_post(64)) == 63
+
+
+@pytest.mark.slow
+def test_cpu_fallback_equals_onnxruntime(cpu_detector: TorchDetector, detector_onnx: Path) -> None:
+    """The torch detector (fp32, CPU) gives the ONNX detector's outputs on the same uint8 slices."""
+    images = _slices(3)
+    scores, boxes = cpu_detector(images)
+    assert cpu_detector.fp16 is False and not cpu_detector.graphs
+    ref_scores, ref_boxes = ort.InferenceSession(str(detector_onnx)).run(None, {"images": images.astype(np.float32)})
+    assert scores.dtype == np.float32 and scores.shape == ref_scores.shape
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-4)
+    np.testing.assert_allclose(boxes, ref_boxes, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_merged_requests_are_split_back(cpu_detector: TorchDetector) -> None:
+    images = _slices(3)
+    merged = run_merged(cpu_detector, [images[:1], images[1:]])
+    assert [len(s) for s, _ in merged] == [1, 2]
+    alone_scores, alone_boxes = cpu_detector(images[1:])
+    np.testing.assert_allclose(merged[1][0], alone_scores, atol=1e-5)
+    np.testing.assert_allclose(merged[1][1], alone_boxes, atol=1e-3)
+    with pytest.raises(ValueError, match="images must be"):
+        cpu_detector(images[:, :1])
+
+
+@pytest.mark.slow
+def test_gpu_torch_repository(checkpoint: Path, tmp_path: Path) -> None:
+    out = build_repository(None, tmp_path / "r", RepoConfig(target="gpu-torch", max_batch_size=24, cores=16),
+                           checkpoint=checkpoint)  # fmt: skip
+    det = _load(out / "detector" / "config.pbtxt")
+    assert det.backend == "python" and det.max_batch_size == 24
+    assert det.parameters["buckets"].string_value == "1,2,4,8,16,24"
+    assert (out / "detector" / "1" / "model.pt").read_bytes() == checkpoint.read_bytes()
+    assert (out / "detector" / "1" / "model.py").exists()
+    import torch
+
+    kind = mc.ModelInstanceGroup.KIND_GPU if torch.cuda.is_available() else mc.ModelInstanceGroup.KIND_CPU
+    assert det.instance_group[0].kind == kind
+    pre, post = (_load(out / m / "config.pbtxt").instance_group[0].count for m in ("preprocess", "postprocess"))
+    assert (pre, post) == scale_pre_post(16)
+    with pytest.raises(ValueError, match="needs the checkpoint"):
+        build_repository(None, tmp_path / "r2", RepoConfig(target="gpu-torch"))
+
+
+def _match(cpu: list, torch_dets: list, threshold: float) -> None:
+    """Each detection has its twin on the same slice (box within 1 px, score within 0.01); one without a
+    twin is allowed only where its score sits at the threshold (fp32 rounding can flip it)."""
+    unmatched = list(torch_dets)
+    for d in cpu:
+        twin = next((t for t in unmatched if t.sop_instance_uid == d.sop_instance_uid
+                     and np.abs(np.subtract(t.box_px, d.box_px)).max() < 1.0), None)  # fmt: skip
+        if twin is None:
+            assert abs(d.score - threshold) < 0.01, f"cpu detection without a torch twin: {d}"
+            continue
+        assert abs(twin.score - d.score) < 0.01, (d, twin)
+        unmatched.remove(twin)
+    for t in unmatched:
+        assert abs(t.score - threshold) < 0.01, f"torch detection without a cpu twin: {t}"
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_gpu_torch_target_serves_the_cpu_targets_detections(
+    triton: object, checkpoint: Path, phantom_case: Path, tmp_path: Path
+) -> None:
+    """The real tritonserver serving the gpu-torch repository (torch fp32 on this CPU) through the client."""
+    from ctlesion_client import LesionClient
+    from ctlesion_client.server import TritonServer
+    from ctlesion_phantoms.truth import CaseTruth
+
+    truth = CaseTruth.load(phantom_case / "truth.json")
+    files = sorted((phantom_case / "series").glob("*.dcm"))
+    centre = int(round(truth.nodules[0].centre_voxel[0]))
+    start = max(0, min(len(files) - 16, centre - 8))
+    series = tmp_path / "series"
+    series.mkdir()
+    for f in files[start : start + 16]:  # one short series: one slab around a known nodule
+        shutil.copy2(f, series / f.name)
+
+    with LesionClient(triton.grpc_url) as client:  # type: ignore[attr-defined]
+        client.wait_ready(60)
+        cpu = client.detect_series(series)
+    repo = build_repository(None, tmp_path / "gpu-torch", RepoConfig(target="gpu-torch", cores=2, torch_threads=1),
+                            checkpoint=checkpoint)  # fmt: skip
+    server = TritonServer(repo, log_path=tmp_path / "tritonserver.log").start(timeout_s=240)
+    try:
+        with LesionClient(server.grpc_url) as client:
+            client.wait_ready(60)
+            served = client.detect_series(series)
+    finally:
+        server.stop()
+    assert served.num_slices == cpu.num_slices == 16
+    assert cpu.detections, "the cpu target finds nothing near a known nodule: the comparison would be empty"
+    _match(cpu.detections, served.detections, threshold=0.3)
+    assert len(served.detections) >= len(cpu.detections) - 1
