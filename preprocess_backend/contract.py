@@ -32,6 +32,10 @@ CT_SOP_CLASSES = (
 )
 
 
+# Colour images (the model reads one grey channel in HU); unknown photometrics are refused by dicom_io.
+COLOUR_PHOTOMETRICS = ("PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")
+
+
 @dataclass(frozen=True)
 class ModelContract:
     """What the served detector reads. Every field is a ``contract_<name>`` model parameter."""
@@ -105,7 +109,7 @@ class ModelContract:
         """Refuse an item the model cannot read; the reason names the rule and the value."""
         label = h.source
         self.check_kind(label, h.modality, h.sop_class_uid)
-        if h.samples_per_pixel != 1 or h.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        if h.samples_per_pixel == 3 or h.photometric in COLOUR_PHOTOMETRICS:
             raise DicomInputError(
                 label, f"colour image ({h.photometric or '?'}, {h.samples_per_pixel} samples) refused: "
                 "the model reads greyscale CT only"

@@ -212,7 +212,7 @@ def _bound(limits: Limits, name: str, default: float) -> float:
     return float(getattr(limits, name, default))
 
 
-class _ParseTimeout(Exception):
+class _ParseTimeout(BaseException):  # noqa: N818 -- BaseException: pydicom wraps Exceptions raised inside sequences
     pass
 
 
@@ -220,14 +220,16 @@ class _DeadlineReader:
     """A binary stream whose reads fail after a deadline: pydicom reads every element (nested
     sequence items included) through ``read``, so parsing any header is bounded in time."""
 
-    def __init__(self, stream: BinaryIO, seconds: float) -> None:
+    def __init__(self, stream: BinaryIO, deadline: float) -> None:
         self._stream = stream
-        self._deadline = time.monotonic() + seconds
+        self._deadline = deadline  # time.monotonic() value
         self.elements_read = 0
+        self.expired = False  # pydicom turns any exception inside a sequence item into OSError: check this
 
     def read(self, size: int = -1) -> bytes:
         self.elements_read += 1
-        if time.monotonic() > self._deadline:
+        if self.expired or time.monotonic() > self._deadline:
+            self.expired = True
             raise _ParseTimeout
         return self._stream.read(size)
 
@@ -259,6 +261,7 @@ def _parse(
 ) -> Dataset:
     """Parse a Part-10 stream, bounded: deflate inflated up to a byte bound, the parse under a deadline."""
     limits = limits or DEFAULT_LIMITS
+    started = time.monotonic()  # one budget for inflation and parsing together
     fp: BinaryIO = io.BytesIO(src) if isinstance(src, bytes | bytearray) else src
     head = fp.read(132)
     label = source or (f"<{len(src)} bytes>" if isinstance(src, bytes | bytearray) else "<stream>")
@@ -289,17 +292,17 @@ def _parse(
         fp = io.BytesIO(head + buf.getvalue() + inflated)
     else:
         fp.seek(0)
-    reader = _DeadlineReader(fp, deadline)
+    reader = _DeadlineReader(fp, started + deadline)
     try:
         # Raw element bytes are read now; values convert lazily, so every later access goes via _get.
         ds = pydicom.dcmread(reader, stop_before_pixels=stop_before_pixels)  # type: ignore[arg-type]
     except DicomInputError:
         raise
-    except _ParseTimeout:
-        raise LimitExceeded(
-            label, f"header parsing exceeded {deadline:g} s ({reader.elements_read} reads): refused"
-        ) from None
-    except Exception as exc:  # pydicom raises many types (EOFError, struct.error, ValueError, ...)
+    except (_ParseTimeout, Exception) as exc:  # pydicom raises many types (EOFError, struct.error, ...)
+        if reader.expired:
+            raise LimitExceeded(
+                label, f"header parsing exceeded {deadline:g} s ({reader.elements_read} reads): refused"
+            ) from None
         raise DicomInputError(label, f"unreadable DICOM ({_why(exc)})") from None
     if syntax == DEFLATED:
         ds.file_meta.TransferSyntaxUID = DEFLATED  # what the sender wrote; pixels are native after inflation
@@ -502,9 +505,8 @@ def read_header(data: bytes | str | Path, source: str | None = None, limits: Lim
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_image(
-    ds: Dataset, label: str, limits: Limits, warnings: list[str] | None = None
-) -> tuple[int, int, int, int, int]:
+def _check_is_image(ds: Dataset, label: str) -> None:
+    """An image at all (checked before the model contract: 'no PixelData' says more than 'modality')."""
     sop_class = _sop_class(ds) or None
     if sop_class is not None:
         name = UID(str(sop_class)).name
@@ -515,6 +517,12 @@ def _check_image(
             if alt in ds:
                 raise DicomInputError(label, f"{alt} is not supported (integer PixelData only)")
         raise DicomInputError(label, "no PixelData")
+
+
+def _check_image(
+    ds: Dataset, label: str, limits: Limits, warnings: list[str] | None = None
+) -> tuple[int, int, int, int, int]:
+    _check_is_image(ds, label)
     rows = _int(_get(ds, "Rows"), 0) or 0
     cols = _int(_get(ds, "Columns"), 0) or 0
     frames = _int(_get(ds, "NumberOfFrames"), 1)
@@ -756,6 +764,7 @@ def decode_frames(
     ident = _identity(ds, warnings)
     label = name or ident["sop_instance_uid"] or f"<{len(raw)} bytes>"
     if contract is not None:
+        _check_is_image(ds, label)
         contract.check_kind(label, ident["modality"], _sop_class(ds))
         contract.check_header(_header_of(ds, label, []))
     rows, cols, frames, samples, bits = _check_image(ds, label, limits, warnings)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLSLossless,
     RLELossless,
     generate_uid,
@@ -38,6 +40,7 @@ from pydicom.uid import (
 from preprocess_backend.types import Limits
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 UID_ROOT = "1.2.826.0.1.3680043.8.498.77"  # fixed UIDs: a failing case is easy to find again
 
 # Small limits for the cases that probe them: the request stays a few MB on the wire while the
@@ -56,6 +59,7 @@ class BadCase:
     description: str = ""
     limits: Limits | None = None  # None: the default Limits
     tags: list[str] = field(default_factory=list)
+    window: str | None = None  # a per-request ``window`` input sent with the items (None: not sent)
 
 
 def uid(n: int) -> str:
@@ -177,8 +181,169 @@ def _series(n0: int, z: int = 3, size: int = 32, **kwargs: object) -> list[bytes
     return [_mutate(it, _set(SOPInstanceUID=uid(n0 + i))) for i, it in enumerate(items)]
 
 
+def _deflated(dataset_body: bytes | None, zeros: int, n: int) -> bytes:
+    """A Deflated Explicit VR LE file: a good item's data set (or ``dataset_body``) then ``zeros``
+    zero bytes, deflated in 1 MB steps (the bomb never exists inflated on this side)."""
+    item = good_item(n)
+    (meta_len,) = struct.unpack("<I", item[140:144])
+    body_at = 144 + meta_len
+    head = _mutate(item, lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", DeflatedExplicitVRLittleEndian))
+    (new_meta_len,) = struct.unpack("<I", head[140:144])
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [deflater.compress(dataset_body if dataset_body is not None else item[body_at:])]
+    chunk = b"\0" * (1 << 20)
+    for _ in range(zeros >> 20):
+        parts.append(deflater.compress(chunk))
+    parts.append(deflater.flush())
+    return head[: 144 + new_meta_len] + b"".join(parts)
+
+
+def _empty_elements(n: int, count: int) -> bytes:
+    """A good item followed by ``count`` empty private elements (8 bytes each; pydicom ~2.4 us each)."""
+    return good_item(n) + struct.pack("<HH", 0x7FE1, 0x0010) + b"LO\0\0" + b"\x09\x00\x10\x00LO\0\0" * count
+
+
+def _sequence_flood(n: int, items: int) -> bytes:
+    """A private SQ of undefined length holding ``items`` empty items, spliced before PixelData."""
+    body = b"\xfe\xff\x00\xe0\0\0\0\0" * items + b"\xfe\xff\xdd\xe0\0\0\0\0"
+    sq = struct.pack("<HH", 0x0029, 0x1010) + b"SQ\0\0" + b"\xff\xff\xff\xff" + body
+    creator = struct.pack("<HH", 0x0029, 0x0010) + b"LO" + struct.pack("<H", 4) + b"FLOD"
+    return _splice_before_pixels(good_item(n), creator + sq)
+
+
+def _per_frame_mismatch(n: int) -> bytes:
+    def edit(ds: Dataset) -> None:
+        ds.NumberOfFrames = 2
+        ds.PixelData = b"\0" * (2 * 32 * 32 * 2)
+        ds.PerFrameFunctionalGroupsSequence = [Dataset() for _ in range(3)]
+
+    return _mutate(good_item(n), edit)
+
+
+def _raw_value(n: int, keyword: str, vr: bytes, text: bytes) -> bytes:
+    """A good item whose ``keyword`` element is rewritten with raw ``text`` (values pydicom would not write)."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    assert tag is not None
+    item = _mutate(good_item(n), _delete(keyword)) if keyword in pydicom.dcmread(io.BytesIO(good_item(n))) else good_item(n)
+    element = _raw_element((tag >> 16, tag & 0xFFFF), vr, text + (b" " if len(text) % 2 else b""))
+    return _splice_sorted(item, element, tag)
+
+
+def _splice_sorted(item: bytes, element: bytes, tag: int) -> bytes:
+    """Insert a raw element where its tag belongs in ascending order (scan of the top-level elements)."""
+    ds = pydicom.dcmread(io.BytesIO(item))
+    later = sorted(int(e.tag) for e in ds if e.tag > tag)
+    key = struct.pack("<HH", later[0] >> 16, later[0] & 0xFFFF)
+    # the first occurrence after the file meta of the next tag's bytes is that element (tags ascend)
+    (meta_len,) = struct.unpack("<I", item[140:144])
+    at = item.index(key, 144 + meta_len)
+    return item[:at] + element + item[at:]
+
+
+def contract_and_header_cases() -> list[BadCase]:
+    """Issue 17: what the model cannot read (the contract) and header values that are impossible."""
+    cases: list[BadCase] = []
+
+    def add(name: str, items: list[bytes], expect: str, source: str, description: str, **kw: object) -> None:
+        cases.append(BadCase(name, items, expect, source, description, tags=["issue17"], **kw))  # type: ignore[arg-type]
+
+    # --- the model contract: CT, greyscale, acquired, lung-window, 0.4-1.2 mm pixels, axial ----------
+    add("mr_slice", [good_item(101, modality="MR", sop_class="1.2.840.10008.5.1.4.1.1.4")],
+        "modality 'MR' refused", uid(101), "an MR slice")
+    add("radiograph_dx", [good_item(102, modality="DX", sop_class="1.2.840.10008.5.1.4.1.1.1.1", position=None,
+                                    orientation=None, photometric="MONOCHROME1")],
+        "modality 'DX' refused", uid(102), "a digital radiograph (the README used to offer one)")
+    add("no_modality", [_mutate(good_item(103), _delete("Modality"))], "modality '<none>' refused", uid(103),
+        "no Modality at all")
+    add("secondary_capture_labelled_ct", [good_item(104, sop_class=SECONDARY_CAPTURE)],
+        "SOP class 'Secondary Capture Image Storage' refused", uid(104), "a screenshot labelled CT")
+    add("colour_rgb_ct", [_mutate(good_item(105), _set(SamplesPerPixel=3, PhotometricInterpretation="RGB",
+                                                        BitsAllocated=8, BitsStored=8, HighBit=7,
+                                                        PlanarConfiguration=0, PixelData=b"\0" * (32 * 32 * 3)))],
+        "colour image (RGB, 3 samples) refused", uid(105), "an RGB image with Modality CT")
+    add("palette_colour_ct", [_mutate(good_item(106), _set(PhotometricInterpretation="PALETTE COLOR"))],
+        "colour image (PALETTE COLOR", uid(106), "a palette-colour image with Modality CT")
+    add("pixel_spacing_4mm", [good_item(107, spacing=(4.17, 4.17))], "outside the model's 0.4-1.2 mm", uid(107),
+        "4.17 mm pixels (a 64 x 64 downsampled chest)")
+    add("pixel_spacing_0_1mm", [good_item(108, spacing=(0.1, 0.1))], "outside the model's 0.4-1.2 mm", uid(108),
+        "0.1 mm pixels (a micro-CT)")
+    add("no_pixel_spacing", [good_item(109, spacing=None)], "no PixelSpacing", uid(109), "CT without PixelSpacing")
+    add("thick_slices_10mm", [good_item(110, slice_thickness=10.0)], "slice thickness 10 mm above", uid(110),
+        "10 mm slices")
+    add("sagittal_reformat", [good_item(111, orientation=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0))], "not an axial slice",
+        uid(111), "a sagittal reformat")
+    add("window_mediastinum", [good_item(112)], "window 'mediastinum' refused", "window",
+        "a per-request window the model was not trained on", window="mediastinum")
+    add("window_file", [good_item(113)], "window 'file' refused", "window", "the file's own window", window="file")
+    add("window_custom_soft_tissue", [good_item(114)], "window '40,400' refused", "window", "a custom window",
+        window="40,400")
+    # --- impossible header values ---------------------------------------------------------------
+    add("spacing_zero", [good_item(120, spacing=(0.0, 0.0))], "PixelSpacing 0.0\\0.0 mm is impossible", uid(120),
+        "PixelSpacing 0 (mm sizes would be 0)")
+    add("spacing_negative", [good_item(121, spacing=(-0.7, 0.7))], "mm is impossible", uid(121), "PixelSpacing < 0")
+    add("spacing_nan", [_raw_value(122, "PixelSpacing", b"DS", b"nan\\nan")], "is not 2 finite numbers", uid(122),
+        "PixelSpacing NaN")
+    add("spacing_one_value", [_raw_value(123, "PixelSpacing", b"DS", b"0.7")], "is not 2 finite numbers", uid(123),
+        "PixelSpacing with one value")
+    add("orientation_not_unit", [good_item(124, orientation=(2.0, 0.0, 0.0, 0.0, 2.0, 0.0))],
+        "not two orthogonal unit vectors", uid(124), "direction cosines of length 2")
+    add("orientation_not_orthogonal", [good_item(125, orientation=(1.0, 0.0, 0.0, 0.7071, 0.7071, 0.0))],
+        "not two orthogonal unit vectors", uid(125), "row and column 45 deg apart")
+    add("orientation_zero", [good_item(126, orientation=(0.0,) * 6)], "not two orthogonal unit vectors", uid(126),
+        "all-zero orientation")
+    add("position_nan", [_raw_value(127, "ImagePositionPatient", b"DS", b"nan\\0\\0")], "is not 3 finite numbers",
+        uid(127), "ImagePositionPatient NaN")
+    add("position_1e9", [good_item(128, position=(0.0, 0.0, 1e9))], "ImagePositionPatient", uid(128),
+        "a position 1000 km away")
+    add("slope_nan", [_raw_value(129, "RescaleSlope", b"DS", b"nan")], "RescaleSlope 'nan' is not 1 finite number",
+        uid(129), "RescaleSlope NaN (HU would be NaN)")
+    add("slope_1e30", [_raw_value(130, "RescaleSlope", b"DS", b"1e30")], "RescaleSlope 1e+30 is implausible",
+        uid(130), "RescaleSlope 1e30")
+    add("slope_zero", [_raw_value(131, "RescaleSlope", b"DS", b"0")], "RescaleSlope 0 is implausible", uid(131),
+        "RescaleSlope 0 (every pixel the same HU)")
+    add("intercept_inf", [_raw_value(132, "RescaleIntercept", b"DS", b"inf")], "RescaleIntercept 'inf'", uid(132),
+        "RescaleIntercept infinite")
+    add("intercept_1e12", [_raw_value(133, "RescaleIntercept", b"DS", b"1e12")], "RescaleIntercept 1e+12 is implausible",
+        uid(133), "RescaleIntercept 1e12")
+    add("window_width_zero", [good_item(134, window=(-600.0, 0.0))], "WindowWidth '0.0' impossible", uid(134),
+        "WindowWidth 0")
+    add("window_width_negative", [good_item(135, window=(-600.0, -1500.0))], "WindowWidth '-1500.0' impossible",
+        uid(135), "WindowWidth < 0")
+    add("window_center_nan", [_raw_value(136, "WindowCenter", b"DS", b"nan")], "WindowCenter 'nan' impossible",
+        uid(136), "WindowCenter NaN")
+    add("bits_stored_17_of_16", [_mutate(good_item(137), _set(BitsStored=17, HighBit=16))],
+        "BitsStored 17 impossible with BitsAllocated 16", uid(137), "BitsStored > BitsAllocated")
+    add("bits_stored_zero", [_mutate(good_item(138), _set(BitsStored=0))], "BitsStored 0 impossible", uid(138),
+        "BitsStored 0")
+    add("high_bit_inconsistent", [_mutate(good_item(139), _set(BitsStored=12, HighBit=7))],
+        "HighBit 7 inconsistent with BitsStored 12", uid(139), "HighBit not BitsStored - 1")
+    add("photometric_unknown", [_mutate(good_item(140), _set(PhotometricInterpretation="MONOCHROME3"))],
+        "unknown PhotometricInterpretation 'MONOCHROME3'", uid(140), "a photometric nobody defines")
+    add("photometric_retired_hsv", [_mutate(good_item(141), _set(PhotometricInterpretation="HSV"))],
+        "unknown PhotometricInterpretation 'HSV'", uid(141), "a retired photometric")
+    add("pixel_representation_2", [_mutate(good_item(142), _set(PixelRepresentation=2))],
+        "PixelRepresentation 2 (must be 0 or 1)", uid(142), "PixelRepresentation 2")
+    add("per_frame_groups_mismatch", [_per_frame_mismatch(143)],
+        "PerFrameFunctionalGroupsSequence has 3 items for NumberOfFrames 2", uid(143), "frame count disagrees")
+    # --- work bounded before it is done ---------------------------------------------------------
+    add("deflate_bomb_200mb", [_deflated(None, 200 << 20, 150)], "header parsing exceeded", "item 0",
+        "200 KB deflated -> 200 MB of empty elements (held an instance 85 s before)")
+    add("deflate_bomb_400mb", [_deflated(None, 400 << 20, 151)], "inflates to more than", "item 0",
+        "deflated data set inflating past the 256 MiB bound")
+    add("empty_element_flood", [_empty_elements(152, 1 << 20)], "header parsing exceeded", "item 0",
+        "8 MB of empty elements after PixelData (uncompressed)")
+    add("sequence_item_flood", [_sequence_flood(153, 400_000)], "header parsing exceeded", "item 0",
+        "one private sequence of 400 000 empty items")
+    add("compressed_too_large", [_mutate(_with_transfer_syntax(154, JPEG2000Lossless, bytes(range(256)) * 4),
+                                         _set(Rows=512, Columns=512, NumberOfFrames=40), keep_meta=True)],
+        "compressed pixel data would decode to", uid(154), "40 compressed 512 x 512 frames (~3 s to decode)")
+    add("jpeg_extended_garbage", [_with_transfer_syntax(155, JPEGExtended12Bit, bytes(range(256)) * 4)],
+        "cannot decode pixel data", uid(155), "12-bit JPEG Extended syntax, garbage fragment (dcmdjpeg fails too)")
+    return cases
+
+
 def build_cases() -> list[BadCase]:
-    """Every case, freshly built (about 1 s; items are 32 x 32 unless the case needs otherwise)."""
+    """Every case, freshly built (a few seconds; items are 32 x 32 unless the case needs otherwise)."""
     good = good_item(1)
     cases: list[BadCase] = []
 
@@ -305,9 +470,9 @@ def build_cases() -> list[BadCase]:
                 ),
             )
         ],
-        "cannot decode pixel data",
+        "colour image (RGB, 3 samples) refused",
         uid(12),
-        "RGB where grey is expected, pixel data sized for one grey channel",
+        "RGB where grey is expected, pixel data sized for one grey channel (the contract refuses colour first)",
     )
     add(
         "float_pixel_data",
@@ -480,7 +645,7 @@ def build_cases() -> list[BadCase]:
         "1025 x 1025 against max_pixels_per_slice 1024 x 1024",
         limits=SMALL_LIMITS,
     )
-    return cases
+    return cases + contract_and_header_cases()
 
 
 def good_series(z: int = 4, size: int = 128, seed: int = 7) -> list[bytes]:

@@ -24,6 +24,7 @@ import tritonclient.grpc as grpcclient
 from bad_dicom_corpus import SMALL_LIMITS, BadCase, ToleratedCase, build_cases, good_series, tolerated_cases
 from tritonclient.utils import InferenceServerException
 
+from preprocess_backend.contract import ModelContract
 from preprocess_backend.errors import DicomInputError
 from preprocess_backend.pipeline import preprocess_slab
 from preprocess_backend.types import Limits, Options
@@ -38,7 +39,7 @@ LIMIT_CASES = [c for c in CASES if c.limits is not None]
 
 
 def infer(
-    url: str, items: list[bytes], timeout_s: float = 120.0, **client_kwargs: object
+    url: str, items: list[bytes], timeout_s: float = 120.0, window: str | None = None, **client_kwargs: object
 ) -> dict[str, np.ndarray]:
     client = grpcclient.InferenceServerClient(url, **client_kwargs)  # type: ignore[arg-type]
     try:
@@ -51,6 +52,10 @@ def infer(
             tensor = grpcclient.InferInput(name, [1], "FP32")
             tensor.set_data_from_numpy(np.array([value], dtype=np.float32))
             options.append(tensor)
+        if window is not None:  # the per-request window input (the model contract refuses all but its own)
+            tensor = grpcclient.InferInput("window", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([window.encode()], dtype=object))
+            options.append(tensor)
         result = client.infer(ENSEMBLE, [dicom, *options], client_timeout=timeout_s)
         return {name: result.as_numpy(name) for name in OUTPUTS}
     finally:
@@ -59,7 +64,7 @@ def infer(
 
 def refusal(url: str, case: BadCase) -> InferenceServerException:
     with pytest.raises(InferenceServerException) as info:
-        infer(url, case.items)
+        infer(url, case.items, window=case.window)
     return info.value
 
 
@@ -98,13 +103,16 @@ def good_answer(triton: object, good: list[bytes]) -> dict[str, np.ndarray]:
 
 def test_corpus_is_large_and_local_refusals_match() -> None:
     """No server needed: the corpus is what the issue asks for, and each case fails as labelled."""
-    assert len(CASES) >= 30
+    assert len(CASES) >= 60
     assert len({c.name for c in CASES}) == len(CASES)
+    contract = ModelContract()  # what the served model enforces (contract_* parameters of preprocess)
     for case in CASES:
         options = Options(limits=case.limits or Limits())
         with warnings.catch_warnings(), pytest.raises(DicomInputError) as info:
             warnings.simplefilter("ignore")
-            preprocess_slab(case.items, options)
+            if case.window is not None:
+                contract.check_window(case.window)
+            preprocess_slab(case.items, options, contract=contract)
         assert case.expect in str(info.value) and case.source in str(info.value), (case.name, str(info.value))
 
 
