@@ -251,6 +251,21 @@ def _plain(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else str(value)
 
 
+def build_detector(cfg: TrainConfig) -> tuple[torch.nn.Module, damoyolo.LoadReport | None]:
+    """The model to train: ``cfg.variant`` with ``len(cfg.class_names)`` classes and ``cfg.k`` input
+    channels, started from ``cfg.pretrained`` (an official DAMO-YOLO checkpoint) when given.
+
+    Loading keeps every tensor whose name and shape match (backbone, neck, the head's box branch),
+    re-initialises the 80-class ``head.gfl_cls`` convolutions for our class count, and keeps the
+    RGB stem for k = 3 (the three 2.5D slices take the place of R, G, B); see docs/training.md.
+    """
+    model = damoyolo.build_model(cfg.variant, num_classes=len(cfg.class_names), in_channels=cfg.k)
+    if not cfg.pretrained:
+        return model, None
+    # weights_only: an official .pth is a pickle; tensors and containers only, no code runs on load
+    return model, damoyolo.load_pretrained(model, torch.load(cfg.pretrained, map_location="cpu", weights_only=True))
+
+
 def resolve_folds(cfg: TrainConfig, folds_total: int = 10) -> tuple[set[int], set[int]]:
     """(training folds, validation folds); the test fold is in neither."""
     from damoyolo.data import parse_folds
@@ -316,9 +331,8 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
         flush=True,
     )
 
-    model = damoyolo.build_model(cfg.variant, num_classes=len(cfg.class_names), in_channels=cfg.k)
-    if cfg.pretrained:
-        report = damoyolo.load_pretrained(model, torch.load(cfg.pretrained, map_location="cpu", weights_only=True))
+    model, report = build_detector(cfg)
+    if report is not None:
         print(f"pretrained: {report.summary()}", flush=True)
     model.to(device)
     decay, no_decay = [], []
@@ -451,6 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The command line as a TrainConfig (what main trains with)."""
+    return TrainConfig(
+        variant=args.variant, train_cases=args.train_cases, val_cases=args.val_cases, data_dir=args.data_dir,
+        out_dir=args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        crop=args.crop, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
+        pretrained=args.pretrained, device=args.device, threads=args.threads, workers=args.workers,
+        hard_weight=args.hard_weight, data=args.data, folds=args.folds, val_folds=args.val_folds,
+        test_fold=args.test_fold, cache_dir=args.cache_dir, min_readers=args.min_readers,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.release_only:
@@ -462,16 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.crop % 32:
         print("--crop must be a multiple of 32", file=sys.stderr)
         return 2
-    cfg = TrainConfig(
-        variant=args.variant, train_cases=args.train_cases, val_cases=args.val_cases, data_dir=args.data_dir,
-        out_dir=args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-        crop=args.crop, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
-        pretrained=args.pretrained, device=args.device, threads=args.threads, workers=args.workers,
-        hard_weight=args.hard_weight, data=args.data, folds=args.folds, val_folds=args.val_folds,
-        test_fold=args.test_fold, cache_dir=args.cache_dir, min_readers=args.min_readers,
-    )
+    cfg = config_from_args(args)
     try:
-            train(cfg, resume=not args.no_resume, release=args.release, quiet=args.quiet)
+        train(cfg, resume=not args.no_resume, release=args.release, quiet=args.quiet)
     except (FileNotFoundError, DataError) as exc:
         print(f"ctlesion train: {exc}", file=sys.stderr)
         return 2

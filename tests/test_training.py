@@ -15,15 +15,15 @@ from damoyolo.train import TrainConfig, lr_at
 
 
 def _disk_image(cx: float, cy: float, r: float, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
+    yy, xx = np.mgrid[0:size, 0:size]  # pixel centres on integers (docs/contracts.md, "Coordinates")
     disk = ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r).astype(np.float32) * 200
     return np.stack([disk, disk, disk]), np.array([[cx - r, cy - r, cx + r, cy + r]], np.float32)
 
 
 def _blob_box(image: np.ndarray) -> np.ndarray:
-    """Bounding box (pixel edges) of the bright pixels of channel 0."""
+    """Bounding box (outer pixel edges, centres on integers) of the bright pixels of channel 0."""
     ys, xs = np.nonzero(image[0] > 100)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+    return np.array([xs.min() - 0.5, ys.min() - 0.5, xs.max() + 0.5, ys.max() + 0.5], np.float32)
 
 
 @pytest.mark.parametrize("flip", [hflip, vflip])
@@ -145,3 +145,46 @@ def test_hard_weight_draws_hard_nodules_that_much_more_often() -> None:
 
     assert hard_fraction(4.0) == pytest.approx(0.8, abs=0.04)
     assert hard_fraction(1.0) == pytest.approx(0.5, abs=0.04)
+
+
+def test_pretrained_official_layout_through_the_train_command(tmp_path: Path) -> None:
+    """A fake official checkpoint (the recorded key layout of DAMO-YOLO-T, 80 COCO classes, random
+    tensors of the official shapes) loaded the way ``ctlesion train --pretrained`` loads it."""
+    import json
+    from importlib import resources
+
+    import torch
+
+    from damoyolo.train import TrainConfig, build_detector, build_parser, config_from_args
+
+    keys = json.loads(resources.files("damoyolo").joinpath("official_keys.json").read_text())["variants"]["T"]["keys"]
+    gen = torch.Generator().manual_seed(0)
+    fake = {}
+    for name, shape in keys.items():
+        if name.endswith("num_batches_tracked"):
+            fake[name] = torch.tensor(7)
+        elif name.endswith("running_var"):
+            fake[name] = torch.rand(shape, generator=gen) + 0.5
+        else:
+            fake[name] = torch.randn(shape, generator=gen)
+    path = tmp_path / "damoyolo_tinynasL20_T.pth"
+    torch.save({"model": fake}, path)  # the released files hold {'model': state_dict}
+
+    cfg = config_from_args(build_parser().parse_args(["--variant", "T", "--pretrained", str(path), "--lr", "1e-4"]))
+    assert cfg.lr == 1e-4 and cfg.k == 3 and cfg.class_names == ["nodule"]
+    model, report = build_detector(cfg)
+    cls_keys = [f"head.gfl_cls.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+    assert sorted(report.skipped) == sorted(cls_keys) and not report.missing and not report.unexpected
+    assert len(report.loaded) == len(keys) - 6
+    sd = model.state_dict()
+    for name in ("backbone.block_list.0.conv.conv.weight", "neck.bu_conv13.conv.weight", "head.gfl_reg.0.weight"):
+        assert torch.equal(sd[name], fake[name]), name  # RGB stem kept for the 3 slices of 2.5D input
+    assert tuple(sd["head.gfl_cls.0.weight"].shape) == (1, 64, 3, 3)
+    assert torch.allclose(sd["head.gfl_cls.0.bias"], torch.full((1,), -math.log(99.0)))  # prior 0.01
+    model.eval()
+    scores, boxes = model(torch.zeros(1, 3, 64, 64))
+    assert scores.shape[-1] == 1 and boxes.shape[-1] == 4
+
+    # 5-slice input: the stem no longer fits and is re-initialised too, reported, never silent
+    _, report5 = build_detector(TrainConfig(variant="T", pretrained=str(path), k=5))
+    assert "backbone.block_list.0.conv.conv.weight" in report5.skipped
