@@ -17,14 +17,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
+from ctlesion_client import fpr as fpr_pass
 from ctlesion_client.core import (
     PreparedSeries,
     ReadyPoll,
@@ -45,6 +48,7 @@ from ctlesion_client.options import ClientOptions, DetectOptions
 from ctlesion_client.result import SeriesResult
 from ctlesion_client.retry import call_with_retry, call_with_retry_async, status_of
 from ctlesion_client.slabs import SlabPlan
+from preprocess_backend.lesion_filters import LesionFilter
 from preprocess_backend.types import Detection
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,60 @@ class _ClientBase:
         self.options = options or ClientOptions()
         self.detect_options = detect_options or DetectOptions()
         self._checked = not self.options.check_metadata
+        self._fpr: fpr_pass.FprServing | None = None
+        self._fpr_known = False  # whether the server was asked for its FPR model yet
+
+    def _fpr_verdict(self, config: Any) -> None:
+        self._fpr = None if config is None else fpr_pass.serving_from_config(config)
+        self._fpr_known = True
+        if self._fpr is None:
+            log.info("no %s model served: lesions keep the detector's score", fpr_pass.FPR_MODEL)
+
+    def _server_detect(self, detect: DetectOptions) -> DetectOptions:
+        """The per-slice options sent with each slab: the candidate threshold of the FPR model."""
+        use_fpr = detect.fpr and self._fpr is not None
+        candidate = detect.candidate_threshold
+        if candidate is None:
+            candidate = self._fpr.candidate_threshold if use_fpr else (  # type: ignore[union-attr]
+                detect.score_threshold if detect.score_threshold is not None else fpr_pass.ARTICLE_SCORE_THRESHOLD)
+        return replace(detect, candidate_threshold=candidate)
+
+    def _lesion_rule(self, detect: DetectOptions) -> LesionFilter:
+        use_fpr = detect.fpr and self._fpr is not None
+        threshold = detect.score_threshold
+        if threshold is None:
+            threshold = self._fpr.operating_threshold if use_fpr else fpr_pass.ARTICLE_SCORE_THRESHOLD  # type: ignore[union-attr]
+        return LesionFilter(
+            min_size_mm=3.0 if detect.min_size_mm is None else detect.min_size_mm,
+            max_size_mm=30.0 if detect.max_size_mm is None else detect.max_size_mm,
+            score_threshold=threshold,
+        )
+
+    def _cube_requests(self, prepared: PreparedSeries, result: SeriesResult, detect: DetectOptions) -> list[fpr_pass.CubeRequest]:
+        if not (detect.fpr and self._fpr is not None and result.lesions and prepared.geometry is not None and prepared.merge):
+            return []
+        return fpr_pass.plan_cube_requests(result.lesions, prepared.geometry, self._fpr.spec)
+
+    def _cube_kwargs(self, prepared: PreparedSeries, result: SeriesResult, request: fpr_pass.CubeRequest) -> dict[str, Any]:
+        slices = [item.read() for item in prepared.items[request.start : request.stop]]
+        centres = [result.lesions[i].centre_mm for i in request.lesions]
+        kwargs = infer_kwargs(self.options, fpr_pass.cube_inputs(slices, centres))
+        kwargs["model_name"] = fpr_pass.FPR_MODEL
+        kwargs["outputs"] = None
+        return kwargs
+
+    def _complete(self, result: SeriesResult, probs: Any, detect: DetectOptions, fpr_s: float) -> SeriesResult:
+        """Rescore with the FPR probabilities (None: no FPR ran), then the 3D size rule and threshold."""
+        t0 = time.perf_counter()
+        result.candidates = len(result.lesions)
+        result.lesions = fpr_pass.finalize(result.lesions, probs, self._fpr if probs is not None else None, self._lesion_rule(detect))
+        result.timings["fpr_s"] = fpr_s
+        result.timings["filter_s"] = time.perf_counter() - t0
+        result.options["fpr"] = None if probs is None or self._fpr is None else {
+            "rule": self._fpr.rule, "operating_threshold": self._fpr.operating_threshold,
+            "candidate_threshold": self._fpr.candidate_threshold}  # fmt: skip
+        result.options["lesion_filter"] = self._lesion_rule(detect).__dict__
+        return result
 
     def _metadata_verdict(self, metadata: Any) -> None:
         problems = check_metadata(metadata)
@@ -152,6 +210,32 @@ class LesionClient(_ClientBase):
                 self.options.retry,
             )
             self._metadata_verdict(metadata)
+        if not self._fpr_known:
+            self._fpr_verdict(self._fetch_fpr_config())
+
+    def _fetch_fpr_config(self) -> Any:
+        try:
+            if not self._transport.is_model_ready(fpr_pass.FPR_MODEL, client_timeout=self.options.client_timeout_s):
+                return None
+            return self._transport.get_model_config(fpr_pass.FPR_CLASSIFIER, as_json=True, client_timeout=self.options.client_timeout_s)
+        except InferenceServerException:
+            return None
+
+    def _fpr_probs(self, prepared: PreparedSeries, result: SeriesResult, detect: DetectOptions) -> Any:
+        requests = self._cube_requests(prepared, result, detect)
+        if not requests:
+            return None
+        probs = np.full(len(result.lesions), np.nan, dtype=np.float32)
+
+        def one(req: fpr_pass.CubeRequest) -> None:
+            kwargs = self._cube_kwargs(prepared, result, req)
+            out = call_with_retry(lambda: self._transport.infer(**kwargs), self.options.retry)
+            probs[list(req.lesions)] = fpr_pass.probabilities(out)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.options.concurrency, len(requests))), thread_name_prefix="ctlesion-fpr") as pool:
+            for fut in [pool.submit(one, r) for r in requests]:
+                fut.result()
+        return probs
 
     def detect_image(self, image: ImageInput, detect_options: DetectOptions | None = None) -> SeriesResult:
         """One radiograph, one CT slice or one multi-frame file in a single request."""
@@ -186,6 +270,8 @@ class LesionClient(_ClientBase):
 
     def _run(self, prepared: PreparedSeries, detect: DetectOptions, started: float, progress: ProgressFn | None) -> SeriesResult:
         self.check_model()
+        final = detect
+        detect = self._server_detect(detect)
         t0 = time.perf_counter()
         results: list[tuple[SlabPlan, list[Detection]]] = []
         latencies: list[float] = []
@@ -211,7 +297,12 @@ class LesionClient(_ClientBase):
                 for fut in pending:
                     fut.cancel()  # slabs not started yet; running ones end within their deadline
                 raise
-        return self._finish(prepared, results, detect, started, time.perf_counter() - t0, latencies, retries)
+        result = self._finish(prepared, results, detect, started, time.perf_counter() - t0, latencies, retries)
+        t1 = time.perf_counter()
+        probs = self._fpr_probs(prepared, result, final)
+        result = self._complete(result, probs, final, time.perf_counter() - t1)
+        result.timings["total_s"] = time.perf_counter() - started
+        return result
 
 
 class AsyncLesionClient(_ClientBase):
@@ -262,6 +353,32 @@ class AsyncLesionClient(_ClientBase):
                 self.options.retry,
             )
             self._metadata_verdict(metadata)
+            if not self._fpr_known:
+                self._fpr_verdict(await self._fetch_fpr_config())
+
+    async def _fetch_fpr_config(self) -> Any:
+        try:
+            if not await self._transport.is_model_ready(fpr_pass.FPR_MODEL, client_timeout=self.options.client_timeout_s):
+                return None
+            return await self._transport.get_model_config(fpr_pass.FPR_CLASSIFIER, as_json=True, client_timeout=self.options.client_timeout_s)
+        except InferenceServerException:
+            return None
+
+    async def _fpr_probs(self, prepared: PreparedSeries, result: SeriesResult, detect: DetectOptions) -> Any:
+        requests = self._cube_requests(prepared, result, detect)
+        if not requests:
+            return None
+        probs = np.full(len(result.lesions), np.nan, dtype=np.float32)
+        semaphore = asyncio.Semaphore(self.options.concurrency)
+
+        async def one(req: fpr_pass.CubeRequest) -> None:
+            async with semaphore:
+                kwargs = await asyncio.to_thread(self._cube_kwargs, prepared, result, req)
+                out = await call_with_retry_async(lambda: self._transport.infer(**kwargs), self.options.retry)
+            probs[list(req.lesions)] = fpr_pass.probabilities(out)
+
+        await asyncio.gather(*(one(r) for r in requests))
+        return probs
 
     async def detect_image(self, image: ImageInput, detect_options: DetectOptions | None = None) -> SeriesResult:
         started = time.perf_counter()
@@ -296,6 +413,8 @@ class AsyncLesionClient(_ClientBase):
 
     async def _run(self, prepared: PreparedSeries, detect: DetectOptions, started: float, progress: ProgressFn | None) -> SeriesResult:
         await self.check_model()
+        final = detect
+        detect = self._server_detect(detect)
         t0 = time.perf_counter()
         semaphore = asyncio.Semaphore(self.options.concurrency)
         results: list[tuple[SlabPlan, list[Detection]]] = []
@@ -322,4 +441,9 @@ class AsyncLesionClient(_ClientBase):
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        return self._finish(prepared, results, detect, started, time.perf_counter() - t0, latencies, retries)
+        result = self._finish(prepared, results, detect, started, time.perf_counter() - t0, latencies, retries)
+        t1 = time.perf_counter()
+        probs = await self._fpr_probs(prepared, result, final)
+        result = self._complete(result, probs, final, time.perf_counter() - t1)
+        result.timings["total_s"] = time.perf_counter() - started
+        return result

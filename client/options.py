@@ -12,22 +12,31 @@ COMPRESSIONS = ("none", "gzip", "deflate")
 
 @dataclass(frozen=True)
 class DetectOptions:
-    """Optional ensemble inputs; ``None`` leaves the server's default (the article's values)."""
+    """What a finding must be; ``None`` takes the served model's own defaults.
+
+    ``score_threshold`` is the operating threshold on a lesion's final confidence: by default the
+    one the served false-positive-reduction model was tuned to on validation data (<= 2 false
+    positives per scan), or the article's 0.3 on the detector score where no FPR model is served.
+    ``candidate_threshold`` is the per-slice detector threshold sent to the server (default: the
+    FPR model's, else the score threshold). ``min_size_mm`` / ``max_size_mm`` apply to 3D lesions
+    (defaults 3 / 30 mm; larger lesions are reported as masses). ``fpr=False`` skips the second pass.
+    """
 
     window: str | None = None  # preset name, "file" or "centre,width"
     score_threshold: float | None = None
     nms_iou: float | None = None
     min_size_mm: float | None = None
     max_size_mm: float | None = None
+    candidate_threshold: float | None = None
+    fpr: bool = True
 
     def as_inputs(self) -> dict[str, str | float]:
-        """Ensemble input name -> value for the options that are set."""
+        """Ensemble input name -> value for the per-slice options that are set (sizes are 3D rules,
+        applied by the client to linked lesions; the score threshold sent is the candidate one)."""
         values = {
             "window": self.window,
-            "score_threshold": self.score_threshold,
+            "score_threshold": self.candidate_threshold if self.candidate_threshold is not None else self.score_threshold,
             "nms_iou": self.nms_iou,
-            "min_size_mm": self.min_size_mm,
-            "max_size_mm": self.max_size_mm,
         }
         return {k: v for k, v in values.items() if v is not None}
 

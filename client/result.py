@@ -40,6 +40,7 @@ class SeriesResult:
     options: dict[str, Any] = field(default_factory=dict)  # detect options + slab plan actually used
     model_name: str = ""
     num_slabs: int = 0
+    candidates: int = 0  # linked lesions before FPR rescoring, the 3D size rule and the threshold
 
     def slice_number(self, slice_index: int) -> int:
         """1-based slice number in position order (what a radiologist scrolls to)."""
@@ -87,6 +88,7 @@ class SeriesResult:
             "options": dict(self.options),
             "model_name": self.model_name,
             "num_slabs": self.num_slabs,
+            "candidates": self.candidates,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -113,6 +115,7 @@ class SeriesResult:
             options=dict(data.get("options", {})),
             model_name=str(data.get("model_name", "")),
             num_slabs=int(data.get("num_slabs", 0)),
+            candidates=int(data.get("candidates", 0)),
         )
 
     @classmethod

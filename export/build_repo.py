@@ -77,8 +77,8 @@ class RepoConfig:
     window: str = "lung"
     score_threshold: float = 0.3
     nms_iou: float = 0.2
-    min_size_mm: float = 3.0
-    max_size_mm: float = 30.0
+    min_size_mm: float = 1.5  # per-slice box bounds; the 3-30 mm rule is on 3D lesions (client)
+    max_size_mm: float = 100.0
     max_detections: int = 100
     trt_precision: str = "fp16"  # gpu-onnx with TensorRT EP: fp16 | int8 | none
     # gpu-torch: where the torch detector runs, its precision, CUDA graphs, and the node's cores that
@@ -87,6 +87,9 @@ class RepoConfig:
     torch_fp16: str = "auto"  # auto (fp16 on CUDA) | true | false
     torch_cuda_graphs: bool = True
     torch_threads: int = 0  # CPU fallback: torch intra-op threads (0 = torch's default)
+    # Triton instance kind of the torch detector: auto = GPU when it runs on CUDA; cpu keeps a CPU
+    # instance whose torch still uses CUDA (device), should a server refuse GPU Python instances
+    torch_instance_kind: str = "auto"  # auto | gpu | cpu
     cores: int = 0
     # request refusal thresholds, written as the preprocess model's limit_* parameters
     limits: Limits = field(default_factory=Limits)
@@ -195,6 +198,8 @@ PRE_POST_COST = (3, 1)
 
 def torch_on_cuda(cfg: RepoConfig) -> bool:
     """gpu-torch: a GPU instance when the torch detector runs on CUDA (auto: torch sees a GPU here)."""
+    if cfg.torch_instance_kind != "auto":
+        return cfg.torch_instance_kind == "gpu"
     if cfg.torch_device == "auto":
         import torch
 
@@ -319,10 +324,10 @@ def serving_onnx_with_uint8_input(src: Path, dst: Path) -> None:
 
 
 def build_repository(
-    onnx_path: Path | None, out: Path, cfg: RepoConfig, engines: list[Path] | None = None,
+    onnx_path: Path | None, out: Path, cfg: RepoConfig, engines: list[Path] | None = None, fpr_onnx: Path | None = None,
     checkpoint: Path | None = None,
 ) -> Path:
-    """Write the repository for ``cfg.target``.
+    """Write the repository; ``fpr_onnx`` adds the 3D false-positive-reduction models (export/fpr_repo.py).
 
     gpu-trt: ``onnx_path`` is the (uint8-input) ONNX the ``engines`` were built from. gpu-torch:
     ``checkpoint`` is what the detector serves (its shapes from ``onnx_path`` when given, else from a
@@ -373,9 +378,13 @@ def build_repository(
     _write_config(det_dir, config)
     _write_config(out / ENSEMBLE, ensemble_config(info))
     (out / ENSEMBLE / "1").mkdir(exist_ok=True)
+    if fpr_onnx is not None:
+        from ctlesion_export.fpr_repo import add_fpr_models
+
+        add_fpr_models(out, Path(fpr_onnx), cfg.target, cfg.limits)
     report = check_io(out, cfg, onnx_path)
     (out / "BUILD.json").write_text(
-        json.dumps({"onnx": str(onnx_path), "model": asdict_info(info), "config": asdict(cfg),
+        json.dumps({"onnx": str(onnx_path), "fpr_onnx": None if fpr_onnx is None else str(fpr_onnx), "model": asdict_info(info), "config": asdict(cfg),
                     "io_check": asdict(report)}, indent=2)  # fmt: skip
     )
     return out
@@ -489,10 +498,15 @@ def main(argv: list[str] | None = None) -> int:
                              help="auto: fp16 on CUDA, fp32 on the CPU")  # fmt: skip
     torch_group.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly on CUDA (no graph capture)")
     torch_group.add_argument("--torch-threads", type=int, default=0, help="CPU fallback: torch threads (0 = default)")
+    torch_group.add_argument("--torch-instance-kind", choices=("auto", "gpu", "cpu"), default="auto",
+                             help="Triton instance kind of the torch detector (auto: gpu when it runs on CUDA)")  # fmt: skip
     parser.add_argument("--window", default="lung")
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--nms-iou", type=float, default=0.2)
     parser.add_argument("--if-stale", action="store_true", help="skip when inputs and settings are unchanged")
+    parser.add_argument("--fpr-onnx", type=Path, default=None,
+                        help="3D false-positive-reduction model served as lesion_fpr (default: models/ctlesion_fpr.onnx)")  # fmt: skip
+    parser.add_argument("--no-fpr", action="store_true", help="serve the detector ensemble without the FPR models")
     limits = parser.add_argument_group(
         "request limits",
         "a request over a limit is refused with INVALID_ARGUMENT before any pixel is decoded; "
@@ -526,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_fp16=args.torch_fp16,
         torch_cuda_graphs=not args.no_cuda_graphs,
         torch_threads=args.torch_threads,
+        torch_instance_kind=args.torch_instance_kind,
         cores=(os.cpu_count() or 1) if args.cores is None else args.cores,
     )
     gpu_torch = args.target == "gpu-torch"
@@ -539,12 +554,20 @@ def main(argv: list[str] | None = None) -> int:
 
             onnx_path = REPO_ROOT / "work" / "onnx" / (args.checkpoint.stem + ".onnx")
             export_if_changed(args.checkpoint, onnx_path, export_checkpoint)
+        from ctlesion_export.fpr_repo import DEFAULT_FPR_ONNX
+
+        fpr_onnx = None if args.no_fpr else (args.fpr_onnx or DEFAULT_FPR_ONNX)
+        if fpr_onnx is not None and args.fpr_onnx is None and not fpr_onnx.exists():  # TEMPORARY until the model lands
+            log.warning("no %s yet: building without the FPR models", fpr_onnx)
+            fpr_onnx = None
+        if fpr_onnx is not None and not fpr_onnx.exists():
+            raise FileNotFoundError(f"FPR model {fpr_onnx} not found (train one with python -m ctlesion_fpr.train, or --no-fpr)")
         stamp = args.out / ".fingerprint"
-        fp = fingerprint([*([onnx_path] if onnx_path else []), *sources, *(args.engine or [])], cfg)
+        fp = fingerprint([*([onnx_path] if onnx_path else []), *sources, *(args.engine or []), *([fpr_onnx] if fpr_onnx else [])], cfg)
         if args.if_stale and stamp.exists() and stamp.read_text() == fp:
             print(f"model repository {args.out} is up to date")
             return 0
-        build_repository(onnx_path, args.out, cfg, args.engine, checkpoint=args.checkpoint if gpu_torch else None)
+        build_repository(onnx_path, args.out, cfg, args.engine, fpr_onnx=fpr_onnx, checkpoint=args.checkpoint if gpu_torch else None)
         stamp.write_text(fp)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

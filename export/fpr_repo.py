@@ -41,7 +41,7 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
 
     if target == "cpu":
         cls = mc.ModelConfig(name="fpr_classifier", backend="python", max_batch_size=FPR_MAX_BATCH)
-        _params(cls, {"onnx_file": "model.onnx", "intra_op_threads": 0})
+        _params(cls, {"fpr_onnx_file": "model.onnx", "intra_op_threads": 0})
     else:
         cls = mc.ModelConfig(name="fpr_classifier", platform="onnxruntime_onnx", max_batch_size=FPR_MAX_BATCH)
     _add_io(cls.input, [TensorSpec("cubes", "uint8", (d, h, w))])

@@ -219,6 +219,9 @@ def python_model_signature(name: str, config: mc.ModelConfig, model_dir: Path,
         fed = [TensorSig(t.name, "UINT8" if t.dtype == "FP32" else f"{t.dtype} (model.py casts uint8 to FP32)", t.shape)
                for t in sig.inputs]  # fmt: skip
         return Signature(fed, sig.outputs), f"{onnx_file.name} (run by model.py after its uint8 -> FP32 cast)"
+    if "fpr_onnx_file" in params:  # fpr_classifier: model.py feeds the ONNX the tensors Triton gives it, as they are
+        onnx_file = model_dir / "1" / params["fpr_onnx_file"]
+        return onnx_signature(onnx_file), f"{onnx_file.name} (run by model.py as it is)"
     if "checkpoint" in params and torch_probe is not None:
         return torch_probe(model_dir / "1" / params["checkpoint"], config), f"a probe run of {params['checkpoint']} in torch"
     return None

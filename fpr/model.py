@@ -53,7 +53,7 @@ class FprProbability(nn.Module):
         self.net = net
 
     def forward(self, cubes: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(cubes))
+        return torch.sigmoid(self.net(cubes)).unsqueeze(1)  # [N, 1]: Triton's batched output shape
 
 
 def save_checkpoint(net: FprNet, path: Path, meta: dict[str, Any]) -> None:
@@ -71,7 +71,7 @@ def load_checkpoint(path: Path) -> tuple[FprNet, dict[str, Any]]:
 
 
 def export_onnx(net: FprNet, path: Path, shape: tuple[int, int, int], meta: dict[str, Any] | None = None) -> Path:
-    """ONNX with a dynamic batch: input ``cubes`` uint8 [N, D, H, W] -> ``probability`` float32 [N]."""
+    """ONNX with a dynamic batch: input ``cubes`` uint8 [N, D, H, W] -> ``probability`` float32 [N, 1]."""
     import json
 
     import onnx

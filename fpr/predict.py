@@ -55,4 +55,4 @@ class FprPredictor:
         if cubes.shape[0] == 0:
             return np.zeros(0, np.float32)
         parts = [self.session.run(["probability"], {"cubes": cubes[i : i + MAX_RUN_BATCH]})[0] for i in range(0, cubes.shape[0], MAX_RUN_BATCH)]
-        return np.concatenate(parts).astype(np.float32)
+        return np.concatenate(parts).astype(np.float32).reshape(-1)

@@ -86,21 +86,46 @@ def operating_point(results: list, max_fp_per_scan: float) -> tuple[float, float
     return thr, sens, fps
 
 
-def validate(net: FprNet, cases: list[EvalCase], epoch: int, max_fp: float, min_size_mm: float = 3.0) -> list[ValidationResult]:
+def validate(
+    net: FprNet, cases: list[EvalCase], epoch: int, max_fp: float, min_size_mm: float = 3.0, candidate_threshold: float = 0.0,
+    rules: tuple[str, ...] = RULES,
+) -> list[ValidationResult]:
+    """Validation CPM and operating point per rescoring rule; ``candidate_threshold`` drops the
+    candidates the detector scored below it (what a higher per-slice threshold would send)."""
     from ctlesion_phantoms.truth import CaseTruth
     from damoyolo.eval.froc import case_result, froc
 
     truths = [CaseTruth.load(c.truth_path) for c in cases]
-    probs = [predict_torch(net, c.cubes) for c in cases]
+    kept = [[i for i, les in enumerate(c.lesions) if les.max_score >= candidate_threshold] for c in cases]
+    lesions = [[c.lesions[i] for i in k] for c, k in zip(cases, kept, strict=True)]
+    probs = [predict_torch(net, c.cubes[k]) if k else np.zeros(0, np.float32) for c, k in zip(cases, kept, strict=True)]
     size_rule = LesionFilter(min_size_mm=min_size_mm)
-    base = [case_result(filter_lesions(c.lesions, size_rule), t) for c, t in zip(cases, truths, strict=True)]
+    base = [case_result(filter_lesions(les, size_rule), t) for les, t in zip(lesions, truths, strict=True)]
     cpm_det = froc(base, 0.0, bootstrap=0).cpm
     out = []
-    for rule in RULES:
-        results = [case_result(filter_lesions(apply_fpr(c.lesions, p, rule), size_rule), t) for c, p, t in zip(cases, probs, truths, strict=True)]
+    for rule in rules:
+        results = [case_result(filter_lesions(apply_fpr(les, p, rule), size_rule), t) for les, p, t in zip(lesions, probs, truths, strict=True)]
         thr, sens, fps = operating_point(results, max_fp)
         out.append(ValidationResult(epoch, rule, froc(results, 0.0, bootstrap=0).cpm, cpm_det, thr, sens, fps))
     return out
+
+
+def choose_candidate_threshold(net: FprNet, cases: list[EvalCase], best: ValidationResult, max_fp: float, base: float,
+                               tolerance: float = 0.005) -> tuple[float, list[dict[str, Any]]]:
+    """The highest per-slice candidate threshold whose validation CPM and operating-point sensitivity stay
+    within ``tolerance`` of the lowest's: fewer candidates, fewer cubes, the same findings."""
+    table = []
+    chosen = base
+    for t in (base, 0.1, 0.15, 0.2, 0.25, 0.3):
+        if t < base:
+            continue
+        v = validate(net, cases, best.epoch, max_fp, candidate_threshold=t, rules=(best.rule,))[0]
+        n = sum(sum(les.max_score >= t for les in c.lesions) for c in cases) / max(len(cases), 1)
+        table.append({"candidate_threshold": t, "cpm": round(v.cpm, 4), "sensitivity": round(v.sensitivity, 4),
+                      "threshold": round(v.threshold, 4), "candidates_per_scan": round(n, 1)})  # fmt: skip
+        if v.cpm >= best.cpm - tolerance and v.sensitivity >= best.sensitivity - tolerance:
+            chosen = t
+    return chosen, table
 
 
 def train(
@@ -143,7 +168,7 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         vals = validate(net, val_cases, epoch, max_fp)
         history += vals
         top = max(vals, key=lambda v: v.cpm)
@@ -180,10 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     val_cases = load_eval(a.val, a.val_cases)
     net, best, _ = train(train_set, val_cases, a.out, a.epochs, a.steps_per_epoch, a.batch_size, a.lr, a.seed, a.max_fp_per_scan, a.width, a.threads)
     log.info("best: %s", best.to_dict())
+    candidate, table = choose_candidate_threshold(net, val_cases, best, a.max_fp_per_scan, a.candidate_threshold)
+    for row in table:
+        log.info("candidate threshold %.2f: %s", row["candidate_threshold"], row)
+    if candidate != a.candidate_threshold:  # the operating threshold at the chosen candidate set
+        best = validate(net, val_cases, best.epoch, a.max_fp_per_scan, candidate_threshold=candidate, rules=(best.rule,))[0]
+    log.info("chosen candidate threshold %.2f, operating point %s", candidate, best.to_dict())
     if a.release:
         meta = {
             "cube": train_set.spec.to_dict(), "rule": best.rule, "operating_threshold": round(best.threshold, 4),
-            "candidate_threshold": a.candidate_threshold, "width": a.width, "validation": best.to_dict(),
+            "candidate_threshold": candidate, "candidate_thresholds": table, "width": a.width, "validation": best.to_dict(),
             "max_fp_per_scan": a.max_fp_per_scan, "train_cubes": int(train_set.label.size),
         }
         save_checkpoint(net, a.release, meta)

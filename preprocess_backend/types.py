@@ -58,8 +58,11 @@ class Options:
     nms_iou: float = 0.2
     class_aware_nms: bool = True
     max_detections: int = 100  # per slice
-    min_size_mm: float = 3.0
-    max_size_mm: float = 30.0
+    # Per-slice box bounds: only absurd boxes go here. The 3-30 mm nodule rule (and > 30 mm masses)
+    # applies to linked 3D lesions (preprocess_backend.lesion_filters): a per-slice 30 mm cut would
+    # drop the middle slices of a 31 mm nodule and split it in two.
+    min_size_mm: float = 1.5
+    max_size_mm: float = 100.0
     model_size: int = 512
     k: int = 3  # 2.5D context slices (1, 3 or 5)
     image_dtype: str = "float32"  # "float32" or "uint8" (rounded; 1/4 of the bytes across Triton shm)
@@ -142,6 +145,11 @@ class Lesion:
     side: str | None  # "left" | "right" (patient side: LPS +x is patient left)
     lobe: str | None  # "upper" | "middle" | "lower": a guess from the position in the series
     num_detections: int = 1
+    # With 3D false-positive reduction, ``max_score`` is the final confidence (``preprocess_backend.
+    # rescoring``) and the detector's own best score moves here; None when no FPR ran.
+    detector_score: float | None = None
+    fpr_probability: float | None = None
+    kind: str = "nodule"  # "nodule" (3-30 mm) | "mass" (> 30 mm): the size rule on the 3D lesion
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))

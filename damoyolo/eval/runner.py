@@ -34,10 +34,20 @@ def eval_options(**overrides: Any) -> Options:
     return replace(Options(score_threshold=EVAL_SCORE_THRESHOLD, image_dtype="float32"), **overrides)
 
 
+def _is_part10(path: Path) -> bool:
+    """DICOM Part-10 by its preamble ("DICM" at byte 128): real archives name files anything (CT.1.2.3...)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def series_files(case_dir: Path) -> list[Path]:
     d = Path(case_dir)
     d = d / "series" if (d / "series").is_dir() else d
-    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in (".dcm", ""))
+    files = sorted(p for p in d.iterdir() if p.is_file() and (p.suffix.lower() in (".dcm", "") or _is_part10(p)))
     if not files:
         raise FileNotFoundError(f"no DICOM files in {d}")
     return files

@@ -20,7 +20,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
+        path = Path(args["model_repository"]) / args["model_version"] / params.get("fpr_onnx_file", "model.onnx")
         self.predict = FprPredictor(path, threads=int(params.get("intra_op_threads", "0")))
 
     def execute(self, requests: list) -> list:

@@ -1,0 +1,189 @@
+"""False positives on real CT: the real series in ``../shared/realdata`` through the served pipeline.
+
+None of these has nodule truth a sensitivity could be measured on; what they measure is what a
+radiologist would have to dismiss: findings per 100 mm of z on real lungs (LIDC-IDRI-0002, GE), on a
+real mediastinum with contrast (TotalSegmentator crops, NIfTI written as DICOM), and on a scan
+without lungs (the abdominal negative control: no finding expected). On the LIDC slab, findings
+on a reader mark (the 2-of-4-reader nodule, sub-3 mm nodule marks) are ignored as LUNA16 ignores
+irrelevant findings. A series the model contract refuses (the 4 mm-pixel CIP chest) is reported
+with its reason: refusing it is the right answer.
+
+    python -m damoyolo.eval.realdata --checkpoint models/ctlesion_damoyolo.pt --out work/eval/realdata
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preprocess_backend.errors import DicomInputError
+from preprocess_backend.lesion_filters import LesionFilter
+from preprocess_backend.types import Lesion
+
+log = logging.getLogger(__name__)
+
+REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
+IRRELEVANT_DEFAULT_DIAMETER_MM = 10.0  # LUNA16's script: an excluded finding without a size counts as 10 mm
+
+
+@dataclass
+class RealSeries:
+    name: str
+    region: str  # "chest" | "mediastinum" | "abdomen" | "chest-lowres"
+    series_dir: Path
+    irrelevant: list[tuple[tuple[float, float, float], float]] = field(default_factory=list)  # (centre mm, diameter mm)
+
+
+@dataclass
+class RealResult:
+    name: str
+    region: str
+    slices: int
+    z_mm: float
+    findings: int
+    ignored: int
+    false_positives: int
+    fp_per_100mm: float
+    refused: str | None = None
+    lesions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _lidc_marks(root: Path) -> list[tuple[tuple[float, float, float], float]]:
+    path = root / "annotations" / "nodules_derived.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    marks = [((c["world_x"], c["world_y"], c["world_z"]), float(c.get("mean_max_inplane_diameter_mm") or IRRELEVANT_DEFAULT_DIAMETER_MM))
+             for c in d.get("consensus_clusters", [])]  # fmt: skip
+    for m in d.get("per_reader_marks", []):
+        marks.append(((m["world_x"], m["world_y"], m["world_z"]), float(m.get("max_inplane_diameter_mm") or IRRELEVANT_DEFAULT_DIAMETER_MM)))
+    return marks
+
+
+def _nifti_as_dicom(nifti: Path, cache: Path) -> Path:
+    import SimpleITK as sitk
+
+    from damoyolo.data.dicom_cache import write_volume_series
+
+    out = cache / nifti.name.replace(".nii.gz", "")
+    if out.exists() and any(out.iterdir()):
+        return out
+    img = sitk.ReadImage(str(nifti))
+    hu = sitk.GetArrayFromImage(img).astype(np.float32)
+    write_volume_series(hu, img.GetOrigin(), img.GetSpacing(), np.asarray(img.GetDirection()), out, nifti.name)
+    return out
+
+
+def real_series(root: Path = REALDATA, cache: Path | None = None) -> list[RealSeries]:
+    """The real series that exist under ``root`` (see its README)."""
+    cache = cache or Path("work") / "realdata_dicom"
+    out = []
+    lidc = root / "lidc0002-slab"
+    if (lidc / "dicom").is_dir():
+        out.append(RealSeries("lidc0002-slab", "chest", lidc / "dicom", _lidc_marks(lidc)))
+    for name in ("pulmonary_report_ct_cropped", "aorta_report_ct_cropped"):
+        nifti = root / "totalseg-chest-crops" / f"{name}.nii.gz"
+        if nifti.exists():
+            out.append(RealSeries(f"totalseg-{name.split('_')[0]}-crop", "mediastinum", _nifti_as_dicom(nifti, cache)))
+    abdomen = root / "totalseg-abdomen-nonchest" / "example_ct_dicom"
+    if abdomen.is_dir():
+        out.append(RealSeries("totalseg-abdomen-nonchest", "abdomen", abdomen))
+    cip = root / "cip-ct64-chest" / "ct-64Dicom"
+    if cip.is_dir():
+        out.append(RealSeries("cip-ct64-chest", "chest-lowres", cip))
+    return out
+
+
+def _ignored(les: Lesion, marks: list[tuple[tuple[float, float, float], float]]) -> bool:
+    c = np.asarray(les.centre_mm)
+    return any(float(np.linalg.norm(c - np.asarray(m))) < d / 2 for m, d in marks)
+
+
+def evaluate_real(series: list[RealSeries], predict_fn: Any, options: Any, stage: Any, rule: LesionFilter) -> list[RealResult]:
+    from damoyolo.eval.fpr_stage import second_stage
+    from damoyolo.eval.runner import run_detector_on_case
+
+    results = []
+    for s in series:
+        try:
+            _, candidates = run_detector_on_case(predict_fn, s.series_dir, options)
+        except DicomInputError as exc:
+            results.append(RealResult(s.name, s.region, 0, math.nan, 0, 0, 0, math.nan, refused=str(exc)))
+            continue
+        from damoyolo.eval.runner import series_files
+
+        files = series_files(s.series_dir)
+        from preprocess_backend.dicom_io import read_header
+
+        zs = sorted(h.position[2] for h in (read_header(p, p.name) for p in files) if h.position)
+        spacing = float(np.median(np.diff(zs))) if len(zs) > 1 else 1.0
+        z_mm = (zs[-1] - zs[0] + spacing) if zs else math.nan
+        findings = second_stage(s.series_dir, candidates, stage, rule)
+        ign = [les for les in findings if _ignored(les, s.irrelevant)]
+        fp = len(findings) - len(ign)
+        results.append(RealResult(
+            s.name, s.region, len(files), round(z_mm, 2), len(findings), len(ign), fp, round(100.0 * fp / z_mm, 2) if z_mm else math.nan,
+            lesions=[{k: v for k, v in les.to_dict().items() if k in ("centre_mm", "diameter_mm", "max_score", "detector_score", "fpr_probability", "kind", "slices")} for les in findings],
+        ))  # fmt: skip
+    return results
+
+
+def format_results(results: list[RealResult], title: str) -> str:
+    lines = [title, f"{'series':30s} {'region':12s} {'slices':>6s} {'z mm':>7s} {'findings':>8s} {'ignored':>7s} {'FP':>4s} {'FP/100mm':>8s}"]
+    for r in results:
+        if r.refused:
+            lines.append(f"{r.name:30s} {r.region:12s} refused: {r.refused}")
+            continue
+        lines.append(f"{r.name:30s} {r.region:12s} {r.slices:6d} {r.z_mm:7.1f} {r.findings:8d} {r.ignored:7d} {r.false_positives:4d} {r.fp_per_100mm:8.2f}")
+    chest = [r for r in results if not r.refused and r.region in ("chest", "mediastinum")]
+    if chest:
+        z = sum(r.z_mm for r in chest)
+        fp = sum(r.false_positives for r in chest)
+        lines.append(f"real chest (lungs + mediastinum): {fp} FP over {z:.0f} mm of z = {100 * fp / z:.2f} per 100 mm")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ctlesion_export.fpr_repo import DEFAULT_FPR_ONNX
+    from damoyolo.eval.fpr_stage import FprStage
+    from damoyolo.eval.runner import eval_options, onnx_predictor, torch_predictor
+
+    p = argparse.ArgumentParser(prog="python -m damoyolo.eval.realdata", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, help="detector checkpoint (.pt)")
+    p.add_argument("--onnx", type=Path, help="detector ONNX instead of --checkpoint")
+    p.add_argument("--fpr-onnx", type=Path, default=DEFAULT_FPR_ONNX)
+    p.add_argument("--realdata", type=Path, default=REALDATA)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    predict_fn, info = onnx_predictor(a.onnx) if a.onnx else torch_predictor(a.checkpoint or Path("models/ctlesion_damoyolo.pt"))
+    series = real_series(a.realdata, a.out / "dicom")
+    a.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {}
+    texts = []
+    stage = FprStage(a.fpr_onnx) if a.fpr_onnx and a.fpr_onnx.exists() else None
+    runs = [("article threshold 0.3, no FPR", None, LesionFilter(3.0, 30.0, 0.3), 0.3)]
+    if stage is not None:
+        runs.append((f"shipped default: FPR ({stage.info.rule}), threshold {stage.info.operating_threshold:.3f}", stage,
+                     LesionFilter(3.0, 30.0, stage.info.operating_threshold), stage.info.candidate_threshold))  # fmt: skip
+    for title, st, rule, candidate in runs:
+        options = eval_options(score_threshold=candidate, window=info.window, model_size=info.model_size, k=info.in_channels)
+        results = evaluate_real(series, predict_fn, options, st, rule)
+        report[title] = [asdict(r) for r in results]
+        texts.append(format_results(results, title))
+    (a.out / "realdata.json").write_text(json.dumps(report, indent=1, default=lambda v: None))
+    print("\n\n".join(texts))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
