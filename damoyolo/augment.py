@@ -31,17 +31,18 @@ class AugmentConfig:
 
 
 def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """image [C, H, W], boxes [M, 4] xyxy px (pixel edges: a box [x1, x2) covers columns x1..x2-1)."""
+    """image [C, H, W], boxes [M, 4] xyxy px with pixel centres on integers (docs/contracts.md,
+    "Coordinates"; the truth boxes' convention): column j goes to w - 1 - j."""
     w = image.shape[2]
     out = boxes.copy()
-    out[:, 0], out[:, 2] = w - boxes[:, 2], w - boxes[:, 0]
+    out[:, 0], out[:, 2] = (w - 1) - boxes[:, 2], (w - 1) - boxes[:, 0]
     return image[:, :, ::-1], out
 
 
 def vflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     h = image.shape[1]
     out = boxes.copy()
-    out[:, 1], out[:, 3] = h - boxes[:, 3], h - boxes[:, 1]
+    out[:, 1], out[:, 3] = (h - 1) - boxes[:, 3], (h - 1) - boxes[:, 1]
     return image[:, ::-1, :], out
 
 
@@ -60,7 +61,7 @@ def rotate(image: np.ndarray, boxes: np.ndarray, degrees: float, fill: float = 0
     out = np.empty_like(image)
     for i in range(c):
         ndimage.rotate(image[i], degrees, reshape=False, order=1, mode="constant", cval=fill, output=out[i])
-    cx, cy = w / 2.0, h / 2.0
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0  # ndimage.rotate's centre, in pixel-centre coordinates
     bx = (boxes[:, 0] + boxes[:, 2]) / 2 - cx
     by = (boxes[:, 1] + boxes[:, 3]) / 2 - cy
     a = (boxes[:, 2] - boxes[:, 0]) / 2

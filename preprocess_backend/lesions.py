@@ -2,7 +2,10 @@
 
 Positions are patient mm in LPS (DICOM): +x is the patient's LEFT, +y posterior, +z superior.
 Density classes from mean HU (FACTS: pure ground-glass <= about -600 HU, solid about -100..+100).
-Side and lobe are guesses from position, labelled as such in reports.
+Side and lobe are guesses from position, labelled as such in reports: side splits at the patient's
+midline where the caller knows it (``midline_x_mm``, e.g. ``midline_x_from_mask`` on a body mask),
+else at the middle of the field of view, which is the patient's midline only when the patient lies
+centred in the reconstruction circle.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from preprocess_backend.errors import DicomInputError
+from preprocess_backend.postprocess import box_iou
 from preprocess_backend.series import SeriesGeometry
 from preprocess_backend.types import Detection, Lesion
 
@@ -29,14 +33,6 @@ def classify_density(mean_hu: float) -> str | None:
     if mean_hu >= SOLID_MIN_HU:
         return "solid"
     return "part-solid"
-
-
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _centre_inside(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
@@ -71,6 +67,29 @@ def _centres(dets: Sequence[Detection], geometry: SeriesGeometry | None) -> np.n
     return np.array([d.centre_mm for d in dets], dtype=np.float64).reshape(-1, 3)
 
 
+def midline_x_from_mask(mask: np.ndarray, geometry: SeriesGeometry) -> float:
+    """Patient LPS x (mm) of the midline: the median over slices of the mask's centroid column.
+
+    ``mask`` is bool [Z, rows, columns] (or [rows, columns] for one slice) on the series' own pixel
+    grid, e.g. ``masks.body_mask`` of each slice; slices where the mask is empty are left out.
+    """
+    m = np.asarray(mask, dtype=bool)
+    m = m[None] if m.ndim == 2 else m
+    cols = np.arange(m.shape[-1], dtype=np.float64)
+    rows = np.arange(m.shape[-2], dtype=np.float64)
+    xs = []
+    for k in range(m.shape[0]):
+        n = m[k].sum()
+        if n == 0:
+            continue
+        col = float((m[k].sum(axis=0) * cols).sum() / n)
+        row = float((m[k].sum(axis=1) * rows).sum() / n)
+        xs.append(float(geometry.pixel_to_patient(min(k, len(geometry.positions) - 1), col, row)[0]))
+    if not xs:
+        raise DicomInputError("midline", "empty mask: no midline")
+    return float(np.median(xs))
+
+
 def _lobe(side: str, rel_height: float | None, anterior: bool) -> str | None:
     if rel_height is None:
         return None
@@ -87,14 +106,22 @@ def link_lesions(
     link_iou: float = 0.1,
     max_gap: int = 1,
     lung_z_range: tuple[float, float] | None = None,
+    midline_x_mm: float | None = None,
 ) -> list[Lesion]:
-    """Join detections of the same class on slices at most ``max_gap`` apart whose boxes overlap
-    (IoU >= ``link_iou`` or one centre inside the other) into lesions, highest score first.
+    """Join detections of the same class whose boxes overlap (IoU >= ``link_iou`` or one centre
+    inside the other) on nearby slices into lesions, highest score first.
 
-    ``geometry`` (the whole series, indexed by ``Detection.slice_index``) gives LPS centres, the
-    midline for the side and the height for the lobe guess; without it each detection's ``centre_mm``
-    is used, the midline is x = 0 and the lobe is not guessed unless ``lung_z_range`` (LPS z, mm) is given.
+    ``max_gap`` is the largest step in slice index between two consecutive detections of one lesion:
+    1 links adjacent slices only (no slice skipped), 2 lets a lesion skip one slice where the
+    detector missed it; ``max_gap - 1`` slices may be skipped.
+
+    ``geometry`` (the whole series, indexed by ``Detection.slice_index``) gives LPS centres and the
+    height for the lobe guess; without it each detection's ``centre_mm`` is used and the lobe is not
+    guessed unless ``lung_z_range`` (LPS z, mm) is given. Side splits at ``midline_x_mm`` (LPS x) when
+    given, else at the middle of the field of view (with geometry) or x = 0 (without).
     """
+    if max_gap < 1:
+        raise ValueError(f"max_gap must be >= 1 (1: adjacent slices only), got {max_gap}")
     dets = sorted(detections, key=lambda d: (d.slice_index, -d.score))
     if not dets:
         return []
@@ -110,7 +137,7 @@ def link_lesions(
             prev = t.last
             if t.class_id != d.class_id or prev.slice_index == d.slice_index:
                 continue
-            iou = _iou(prev.box_px, d.box_px)
+            iou = float(box_iou(np.asarray(prev.box_px, np.float64), np.asarray([d.box_px], np.float64))[0])
             if (iou >= link_iou or _centre_inside(prev.box_px, d.box_px)) and iou > best_iou:
                 best, best_iou = t, iou
         if best is None:
@@ -120,7 +147,8 @@ def link_lesions(
         best.dets.append(d)
 
     if geometry is not None:
-        fov_centre = geometry.pixel_to_patient(0, geometry.columns / 2, geometry.rows / 2)
+        # pixel centres on integers (docs/contracts.md): the middle of the image is at (n - 1) / 2
+        fov_centre = geometry.pixel_to_patient(0, (geometry.columns - 1) / 2, (geometry.rows - 1) / 2)
         mid_x, mid_y = float(fov_centre[0]), float(fov_centre[1])
         z_all = geometry.positions[:, 2]
         z_lo, z_hi = (lung_z_range if lung_z_range else (float(z_all.min()), float(z_all.max())))
@@ -130,6 +158,8 @@ def link_lesions(
         z_lo, z_hi = lung_z_range if lung_z_range else (math.nan, math.nan)
         spacing = float("nan")
 
+    if midline_x_mm is not None:
+        mid_x = float(midline_x_mm)
     lesions = []
     for t in tracks:
         c = np.array([centre_of[id(d)] for d in t.dets])

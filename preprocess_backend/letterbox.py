@@ -1,7 +1,10 @@
 """Resize to the model's square input keeping the aspect ratio, padding the rest (letterbox).
 
-Coordinates are continuous pixel-edge coordinates (pixel i spans [i, i + 1)), so a box maps with
-``x' = x * scale_x + pad_x`` and back exactly; resampling uses the same half-pixel-centre convention.
+Pixel coordinates follow the project's one convention (docs/contracts.md, "Coordinates"): the
+centre of pixel (row i, column j) is at x = j, y = i, as DICOM's ImagePositionPatient and
+``SeriesGeometry.pixel_to_patient`` have it; pixel j covers [j - 0.5, j + 0.5). A point maps with
+``x' = (x + 0.5) * scale_x - 0.5 + pad_x`` and back exactly; the resampling filter samples the
+source at the same places, so a box maps onto the resized content.
 """
 
 from __future__ import annotations
@@ -48,17 +51,17 @@ class LetterboxTransform:
         return self.new_h == self.src_h and self.new_w == self.src_w and self.pad_x == 0 and self.pad_y == 0
 
     def to_model(self, boxes: np.ndarray) -> np.ndarray:
-        """xyxy boxes in original pixels -> model input pixels (float64)."""
+        """xyxy boxes in original pixels -> model input pixels (float64), pixel centres on integers."""
         b = np.asarray(boxes, dtype=np.float64).copy()
-        b[..., 0::2] = b[..., 0::2] * self.scale_x + self.pad_x
-        b[..., 1::2] = b[..., 1::2] * self.scale_y + self.pad_y
+        b[..., 0::2] = (b[..., 0::2] + 0.5) * self.scale_x - 0.5 + self.pad_x
+        b[..., 1::2] = (b[..., 1::2] + 0.5) * self.scale_y - 0.5 + self.pad_y
         return b
 
     def to_original(self, boxes: np.ndarray) -> np.ndarray:
         """xyxy boxes in model input pixels -> original pixels (float64); exact inverse of ``to_model``."""
         b = np.asarray(boxes, dtype=np.float64).copy()
-        b[..., 0::2] = (b[..., 0::2] - self.pad_x) / self.scale_x
-        b[..., 1::2] = (b[..., 1::2] - self.pad_y) / self.scale_y
+        b[..., 0::2] = (b[..., 0::2] - self.pad_x + 0.5) / self.scale_x - 0.5
+        b[..., 1::2] = (b[..., 1::2] - self.pad_y + 0.5) / self.scale_y - 0.5
         return b
 
     def as_array(self) -> np.ndarray:
