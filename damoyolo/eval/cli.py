@@ -29,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases-dir", type=Path, default=Path("work/phantoms/test"), help="where the held-out cases are / are generated (shared by fp32 and INT8 runs)")
     p.add_argument("--out", type=Path, default=Path("work/eval"))
     p.add_argument("--device", default="cpu", help="torch device for --checkpoint (cpu, cuda)")
-    p.add_argument("--score-threshold", type=float, default=EVAL_SCORE_THRESHOLD)
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help=f"per-slice candidate threshold (default: the FPR model's candidate threshold, without FPR {EVAL_SCORE_THRESHOLD})")  # fmt: skip
+    p.add_argument("--fpr-onnx", type=Path, default=None, help="3D false-positive-reduction model (default: models/ctlesion_fpr.onnx, as served)")
+    p.add_argument("--no-fpr", action="store_true", help="evaluate the detector alone (linked lesions, 3D size rule)")
     p.add_argument("--window", default=None, help="window preset (default: the checkpoint's, else lung)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples for the CPM interval (0: none)")
     p.add_argument("--data", default=None, metavar="KIND:DIR",
@@ -50,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     info = predictor[1]
     if args.window:
         info.window = args.window
-    options = eval_options(score_threshold=args.score_threshold, window=info.window, model_size=info.model_size, k=info.in_channels)
+    from ctlesion_export.fpr_repo import DEFAULT_FPR_ONNX
+    from ctlesion_fpr.predict import read_meta
+
+    fpr_onnx = None if args.no_fpr else (args.fpr_onnx or (DEFAULT_FPR_ONNX if DEFAULT_FPR_ONNX.exists() else None))
+    threshold = args.score_threshold
+    if threshold is None:
+        threshold = read_meta(fpr_onnx).candidate_threshold if fpr_onnx is not None else EVAL_SCORE_THRESHOLD
+    options = eval_options(score_threshold=threshold, window=info.window, model_size=info.model_size, k=info.in_channels)
     try:
         if args.data:
             from damoyolo.data import open_source, parse_folds
@@ -64,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = evaluate(
                 model_path, args.cases_dir, args.out, args.cases, args.seed, options=options, bootstrap=args.bootstrap,
-                progress=not args.no_progress, predictor=predictor,
+                progress=not args.no_progress, predictor=predictor, fpr_onnx=fpr_onnx,
             )
     except (FileNotFoundError, ValueError, DicomInputError) as exc:
         print(f"ctlesion evaluate: {exc}", file=sys.stderr)

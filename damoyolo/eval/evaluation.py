@@ -247,6 +247,12 @@ def format_report(report: EvaluationReport) -> str:
     m = report.slice_map
     lines.append("")
     lines.append(f"slice mAP@0.5 {m['map50']:.3f}, mAP@.5:.95 {m['map50_95']:.3f} ({int(m['truth_boxes'])} truth boxes on {int(m['images'])} slices)")
+    op = report.operating_point
+    if op:
+        how = f"FPR {report.fpr['rule']}" if report.fpr else "detector score, no FPR"
+        lines.append(f"at the shipped threshold {op['threshold']:.3f} ({how}): sensitivity {op['sensitivity']:.3f} "
+                     f"[{op['sensitivity_ci95'][0]:.3f}, {op['sensitivity_ci95'][1]:.3f}], {op['fp_per_scan']:.2f} FP/scan "
+                     f"[{op['fp_per_scan_ci95'][0]:.2f}, {op['fp_per_scan_ci95'][1]:.2f}] ({op['nodules']} nodules, {op['scans']} scans)")  # fmt: skip
     lines.append(f"target (CPM >= 0.90 and sensitivity >= 0.95 at 4 FP/scan, nodules >= 4 mm): {'met' if report.target_met else 'NOT met'}")
     return "\n".join(lines)
 
