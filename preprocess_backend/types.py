@@ -72,7 +72,7 @@ class Options:
     anatomy_min_overlap: float = 0.1  # a box also passes when the mask covers this fraction of it (0: centre only)
     group_series: bool = False  # True: a request may mix series (the first series is used)
     link_iou: float = 0.1  # 3D linking: min IoU of boxes on adjacent slices
-    link_max_gap: int = 1  # 3D linking: slices a lesion may skip (1 = adjacent only)
+    link_max_gap: int = 1  # 3D linking: largest slice-index step within a lesion (1 = adjacent only, 2 = may skip one)
     limits: Limits = field(default_factory=Limits)
 
     def anatomy_for(self, class_id: int) -> str:
