@@ -25,9 +25,8 @@ from preprocess_backend.letterbox import LetterboxTransform, block_mean, letterb
 from preprocess_backend.masks import BODY, LUNG, anatomy_mask
 from preprocess_backend.postprocess import (
     batched_threshold_nms,
-    mean_in_boxes_sat,
+    mean_in_boxes,
     plausible_in_mask,
-    summed_area,
 )
 from preprocess_backend.series import SeriesReport, assemble_series
 from preprocess_backend.stacking import stack_indices
@@ -152,13 +151,16 @@ def _lowres_hu(hu: np.ndarray, t: LetterboxTransform, f: int) -> np.ndarray:
 
 def _block_sum(stored: np.ndarray, f: int, out: np.ndarray) -> None:
     """Sums of f x f blocks of an integer [H, W] slice (H, W multiples of f) into int32 ``out``
-    (rows first, strided adds: what ``block_mean`` does, in integers)."""
-    rows = stored[0::f].astype(np.int32)
+    (rows first, strided adds: what ``block_mean`` does, in integers). Unsigned values whose block
+    sums fit 16 bits (12-bit CT: 16 x 4095 < 65536) are added in uint16: half the bytes."""
+    narrow = stored.dtype.kind == "u" and stored.dtype.itemsize <= 2 and int(stored.max()) * f * f <= 0xFFFF
+    rows = stored[0::f].astype(np.uint16 if narrow else np.int32)
     for d in range(1, f):
         rows += stored[d::f]
-    np.copyto(out, rows[:, 0::f])
+    r = rows.reshape(rows.shape[0], -1, f)
+    np.copyto(out, r[:, :, 0])
     for d in range(1, f):
-        out += rows[:, d::f]
+        out += r[:, :, d]
 
 
 def _lowres_hu_stored(ordered: Sequence[DecodedSlice], f: int) -> np.ndarray | None:
@@ -332,15 +334,6 @@ class SlabFindings:
         return out
 
 
-def _transform_arrays(meta: SlabMeta, slices: np.ndarray, lowres: bool) -> tuple[np.ndarray, ...]:
-    """(scale_x, scale_y, pad_x, pad_y, src_w, src_h) per listed slice: ``LetterboxTransform``s as arrays."""
-    cols = []
-    for i in slices:
-        t = meta.lowres_transform(int(i)) if lowres else meta.transform(int(i))
-        cols.append((t.scale_x, t.scale_y, t.pad_x, t.pad_y, t.src_w, t.src_h))
-    return tuple(np.array(c, dtype=np.float64) for c in zip(*cols, strict=True)) if cols else (np.zeros(0),) * 6
-
-
 def postprocess_findings(
     scores: np.ndarray,
     boxes: np.ndarray,
@@ -367,12 +360,17 @@ def postprocess_findings(
     sl, kb, ks, kc = batched_threshold_nms(
         scores, boxes, options.score_threshold, options.nms_iou, options.max_detections, options.class_aware_nms
     )
-    slices = np.unique(sl)
-    slot = np.searchsorted(slices, sl)  # each box's row among the slices that have boxes
-    sx, sy, px, py, sw, sh = _transform_arrays(meta, slices, lowres=False)
-    orig = kb.astype(np.float64)
-    orig[:, 0::2] = np.clip((orig[:, 0::2] - px[slot, None]) / sx[slot, None], 0, sw[slot, None])
-    orig[:, 1::2] = np.clip((orig[:, 1::2] - py[slot, None]) / sy[slot, None], 0, sh[slot, None])
+    slices, first, count = np.unique(sl, return_index=True, return_counts=True)  # boxes come grouped by slice
+    slot = np.repeat(np.arange(slices.size), count)  # each box's row among the slices that have boxes
+    orig = np.empty(kb.shape, dtype=np.float64)
+    lo_boxes = np.empty(kb.shape, dtype=np.float64)
+    for i, a, c in zip(slices.tolist(), first.tolist(), count.tolist(), strict=True):  # the letterbox maths stays in one place
+        t = meta.transform(i)
+        o = t.to_original(kb[a : a + c])
+        o[:, 0::2] = np.clip(o[:, 0::2], 0, t.src_w)
+        o[:, 1::2] = np.clip(o[:, 1::2], 0, t.src_h)
+        orig[a : a + c] = o
+        lo_boxes[a : a + c] = meta.lowres_transform(i).to_model(o)
 
     spacing = meta.spacing[slices].astype(np.float64)
     has_spacing = np.all(np.isfinite(spacing) & (spacing > 0), axis=1)
@@ -382,10 +380,6 @@ def postprocess_findings(
     keep = ~has_spacing[slot] | ((diam >= options.min_size_mm) & (diam <= options.max_size_mm))
 
     is_ct = meta.info[slices, 4].astype(bool)
-    lx, ly, lpx, lpy, _, _ = _transform_arrays(meta, slices, lowres=True)
-    lo_boxes = orig.copy()
-    lo_boxes[:, 0::2] = lo_boxes[:, 0::2] * lx[slot, None] + lpx[slot, None]
-    lo_boxes[:, 1::2] = lo_boxes[:, 1::2] * ly[slot, None] + lpy[slot, None]
     for cls in np.unique(kc):
         bit = _anatomy_bit(options.anatomy_for(int(cls)))
         sel = np.flatnonzero((kc == cls) & is_ct[slot] & keep)
@@ -398,9 +392,7 @@ def postprocess_findings(
     mean_hu = np.full(ks.size, np.nan, np.float32)
     ct = is_ct[slot]
     if ct.any():
-        used = np.unique(slot[ct])
-        sat = summed_area(meta.hu[slices[used]])
-        mean_hu[ct] = mean_in_boxes_sat(sat, lo_boxes[ct], which=np.searchsorted(used, slot[ct]))
+        mean_hu[ct] = mean_in_boxes(meta.hu, lo_boxes[ct], which=sl[ct])
     spaced = has_spacing[slot]
     row_sp, col_sp = np.where(spaced, spacing[slot, 0], np.nan), np.where(spaced, spacing[slot, 1], np.nan)
     box_mm = np.stack([orig[:, 0] * col_sp, orig[:, 1] * row_sp, orig[:, 2] * col_sp, orig[:, 3] * row_sp], axis=1)

@@ -205,7 +205,7 @@ def plausible_in_mask(
     inside = centres_inside(mask, boxes, tolerance_px, which)
     if min_overlap <= 0 or boxes.shape[0] == 0:
         return inside
-    return inside | (mean_in_boxes(mask.astype(np.float32), boxes, shrink=1.0, which=which) >= min_overlap)
+    return inside | (mean_in_boxes(mask.astype(bool), boxes, shrink=1.0, which=which) >= min_overlap)
 
 
 def summed_area(values: np.ndarray) -> np.ndarray:
@@ -215,24 +215,38 @@ def summed_area(values: np.ndarray) -> np.ndarray:
     return sat
 
 
+DIRECT_SUM_ELEMENTS = 1 << 20  # gathered pixels up to which integer box sums skip the summed-area table
+
+
 def mean_in_boxes(values: np.ndarray, boxes: np.ndarray, shrink: float = 0.5, which: np.ndarray | None = None) -> np.ndarray:
     """Mean of ``values`` [h, w] over the central ``shrink`` fraction of each box (at least one pixel).
 
     The centre half of a nodule's box is mostly nodule, so its mean HU says solid vs ground-glass
-    without the surrounding lung pulling it down. Summed-area table: O(1) per box. ``values`` may
-    be a stack [S, h, w] with ``which`` [K] naming each box's slice.
+    without the surrounding lung pulling it down. ``values`` may be a stack [S, h, w] with ``which``
+    [K] naming each box's slice. Integer / bool values (HU, masks) are summed straight from the
+    pixels the boxes cover (exact, like the float64 summed-area table, and far cheaper than building
+    one for a few boxes); other values, or very many pixels, go through ``summed_area``: O(1) per box.
     """
     if boxes.shape[0] == 0:
         return np.zeros(0, dtype=np.float32)
-    return mean_in_boxes_sat(summed_area(values[None] if values.ndim == 2 else values), boxes, shrink, which)
+    stack = values[None] if values.ndim == 2 else values
+    which = np.zeros(boxes.shape[0], dtype=np.int64) if which is None else np.asarray(which, dtype=np.int64)
+    x1, y1, x2, y2 = _box_window(boxes, shrink, stack.shape[1], stack.shape[2])
+    hmax, wmax = int((y2 - y1).max()), int((x2 - x1).max())
+    if stack.dtype.kind in "biu" and boxes.shape[0] * hmax * wmax <= DIRECT_SUM_ELEMENTS:
+        ys = y1[:, None] + np.arange(hmax)  # [K, hmax], rows past a box's end are masked out
+        xs = x1[:, None] + np.arange(wmax)
+        inside = (ys < y2[:, None])[:, :, None] & (xs < x2[:, None])[:, None, :]
+        px = stack[which[:, None, None], np.minimum(ys, stack.shape[1] - 1)[:, :, None], np.minimum(xs, stack.shape[2] - 1)[:, None, :]]
+        total = np.where(inside, px, 0).sum(axis=(1, 2), dtype=np.int64).astype(np.float64)
+    else:
+        sat = summed_area(stack)
+        total = sat[which, y2, x2] - sat[which, y1, x2] - sat[which, y2, x1] + sat[which, y1, x1]
+    return (total / ((x2 - x1) * (y2 - y1))).astype(np.float32)
 
 
-def mean_in_boxes_sat(sat: np.ndarray, boxes: np.ndarray, shrink: float = 0.5, which: np.ndarray | None = None) -> np.ndarray:
-    """``mean_in_boxes`` on precomputed ``summed_area`` tables [S, h + 1, w + 1]."""
-    if boxes.shape[0] == 0:
-        return np.zeros(0, dtype=np.float32)
-    which = np.zeros(boxes.shape[0], dtype=np.int64) if which is None else which
-    h, w = sat.shape[1] - 1, sat.shape[2] - 1
+def _box_window(boxes: np.ndarray, shrink: float, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel rectangle [x1, x2) x [y1, y2) of each box's central ``shrink`` fraction, at least one pixel."""
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     hw = np.maximum((boxes[:, 2] - boxes[:, 0]) * shrink / 2, 0.5)
     hh = np.maximum((boxes[:, 3] - boxes[:, 1]) * shrink / 2, 0.5)
@@ -240,5 +254,4 @@ def mean_in_boxes_sat(sat: np.ndarray, boxes: np.ndarray, shrink: float = 0.5, w
     y1 = np.clip(np.floor(cy - hh + 0.5), 0, h - 1).astype(np.int64)
     x2 = np.clip(np.floor(cx + hw + 0.5), x1 + 1, w).astype(np.int64)
     y2 = np.clip(np.floor(cy + hh + 0.5), y1 + 1, h).astype(np.int64)
-    total = sat[which, y2, x2] - sat[which, y1, x2] - sat[which, y2, x1] + sat[which, y1, x1]
-    return (total / ((x2 - x1) * (y2 - y1))).astype(np.float32)
+    return x1, y1, x2, y2
