@@ -666,6 +666,7 @@ class ToleratedCase:
     items: list[bytes]
     reference: list[bytes]
     description: str = ""
+    window: str | None = None  # a per-request ``window`` input (None: not sent)
 
 
 def tolerated_cases(series: list[bytes] | None = None) -> list[ToleratedCase]:
@@ -680,6 +681,73 @@ def tolerated_cases(series: list[bytes] | None = None) -> list[ToleratedCase]:
         ToleratedCase("every_slice_twice", good + good, good, "the whole series repeated in one request"),
         ToleratedCase("reversed_order", good[::-1], good, "slices in reverse order (order is by position)"),
     ]
+
+
+def _each(series: list[bytes], edit: Callable[[Dataset], None]) -> list[bytes]:
+    return [_mutate(item, edit) for item in series]
+
+
+def _signed(ds: Dataset) -> None:
+    """Same HU as signed stored values with intercept 0 (PixelRepresentation 1)."""
+    hu = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = 0
+    ds.PixelData = hu.astype("<i2").tobytes()
+
+
+def _syntax(syntax: str) -> Callable[[Dataset], None]:
+    def edit(ds: Dataset) -> None:
+        if syntax in (RLELossless, JPEG2000Lossless, JPEGLSLossless):
+            ds.compress(syntax, generate_instance_uid=False)  # same instance, re-encoded
+        else:
+            ds.file_meta.TransferSyntaxUID = syntax
+
+    return edit
+
+
+def _tilt(degrees: float) -> Callable[[Dataset], None]:
+    """Gantry tilt about the patient x axis (positions unchanged: the scanner's own convention)."""
+    t = np.radians(degrees)
+
+    def edit(ds: Dataset) -> None:
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, float(np.cos(t)), float(-np.sin(t))]
+
+    return edit
+
+
+def accepted_variants(series: list[bytes]) -> list[ToleratedCase]:
+    """Issue 17: what the standard allows (odd but legal) and what real archives need (leniency).
+
+    Every variant carries exactly the pixels and order of ``series``, so the server's answer must
+    equal the answer to ``series`` itself: nothing refused, nothing changed by the leniency.
+    """
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    def empty(*names: str) -> Callable[[Dataset], None]:
+        return _set(**{n: "" for n in names})
+
+    cases = [
+        ("signed_pixels", _signed, "PixelRepresentation 1, intercept 0 (same HU)"),
+        ("implicit_vr", _syntax(ImplicitVRLittleEndian), "Implicit VR Little Endian"),
+        ("deflated", _syntax(DeflatedExplicitVRLittleEndian), "Deflated Explicit VR Little Endian"),
+        ("rle_lossless", _syntax(RLELossless), "RLE Lossless"),
+        ("jpeg2000_lossless", _syntax(JPEG2000Lossless), "JPEG 2000 Lossless"),
+        ("jpegls_lossless", _syntax(JPEGLSLossless), "JPEG-LS Lossless"),
+        ("empty_sop_instance_uid", empty("SOPInstanceUID"), "empty SOPInstanceUID, the file meta carries it"),
+        ("empty_series_instance_uid", empty("SeriesInstanceUID"), "empty SeriesInstanceUID: derived series key"),
+        ("empty_sop_and_series_uids", empty("SOPInstanceUID", "SeriesInstanceUID"), "both empty (TotalSegmentator)"),
+        ("no_photometric", _delete("PhotometricInterpretation"), "PhotometricInterpretation missing"),
+        ("slice_thickness_zero", _set(SliceThickness=0), "SliceThickness 0 (converted data)"),
+        ("spacing_below_thickness", _set(SliceThickness=3.0), "3 mm slices every 1.25 mm (overlapping)"),
+        ("gantry_tilt_15deg", _tilt(15.0), "15 deg gantry tilt"),
+        ("pixel_padding_value", lambda ds: ds.add_new(0x00280120, "US", 0), "PixelPaddingValue (CT outside the FOV)"),
+        ("window_tags_absent", _delete("WindowCenter", "WindowWidth"), "no window in the file"),
+    ]
+    out = [ToleratedCase(name, _each(series, edit), series, description) for name, edit, description in cases]
+    out.append(ToleratedCase("window_lung_by_name", list(series), series, "window input 'lung'", window="lung"))
+    out.append(ToleratedCase("window_lung_by_values", list(series), series, "window input '-600,1500'",
+                             window="-600,1500"))
+    return out
 
 
 if __name__ == "__main__":  # a quick listing
