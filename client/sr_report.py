@@ -197,6 +197,18 @@ def _group(finding: Finding, frame_of_reference_uid: str, sop_classes: Mapping[s
     )
 
 
+NO_FINDINGS = CodedConcept("NONE", PRIVATE_SCHEME, "No lesion detected")
+
+
+def _no_findings_group(algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group saying the series was read and nothing was found (an SR needs one group)."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="No findings"),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.DCM.Finding, NO_FINDINGS)],
+    )
+
+
 def build_sr(
     findings: Sequence[Finding],
     source_headers: Sequence[Dataset],
@@ -233,7 +245,8 @@ def build_sr(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
-        imaging_measurements=[_group(f, str(first.FrameOfReferenceUID), sop_classes, algo) for f in findings],
+        imaging_measurements=[_group(f, str(first.FrameOfReferenceUID), sop_classes, algo) for f in findings]
+        or [_no_findings_group(algo)],  # highdicom needs one group; parse_sr reads it back as no findings
         title=codes.DCM.ImagingMeasurementReport,
     )
     sr = hd.sr.Comprehensive3DSR(

@@ -111,7 +111,7 @@ class NodeConfig:
     triton: TritonConfig = field(default_factory=TritonConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     destination: DestinationConfig = field(default_factory=DestinationConfig)
-    peers: dict[str, str] = field(default_factory=dict)  # AE title -> "host:port"
+    peers: dict[str, str] = field(default_factory=dict)  # calling AE -> "host:port" or "CALLEDAET@host:port"
     audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property

@@ -18,9 +18,11 @@ def destination_for(config: NodeConfig, calling_aet: str) -> tuple[PacsClient, s
         address = config.peers.get(calling_aet)
         if address is None:
             raise PacsError(f"destination 'sender': calling AE {calling_aet!r} has no address in [peers]")
-        host, _, port = address.rpartition(":")
-        endpoint = DimseEndpoint(host, int(port), calling_aet, our_aet)
-        return DimsePacs(endpoint, timeout_s=dest.timeout_s), f"{calling_aet}@{address}"
+        # "host:port" (called AE = the sender's own) or "CALLEDAET@host:port" (e.g. the sender's archive)
+        called, _, hostport = address.rpartition("@")
+        host, _, port = hostport.rpartition(":")
+        endpoint = DimseEndpoint(host, int(port), called or calling_aet, our_aet)
+        return DimsePacs(endpoint, timeout_s=dest.timeout_s), f"{endpoint.called_aet}@{hostport}"
     kind, target = parse_pacs_url(dest.url)
     if kind == "dimse":
         assert isinstance(target, DimseEndpoint)

@@ -299,3 +299,26 @@ def test_generation_ids_are_per_series(tmp_path: Path) -> None:
     a, b = generate_uid(), generate_uid()
     assert store.next_generation(a) != store.next_generation(b)
     assert store.next_generation(a).endswith("-0001")
+
+
+def test_results_for_a_series_without_findings(tmp_path: Path) -> None:
+    """No lesion still gives a valid SR (read back as no findings) and no key image; UIDs are derived."""
+    from ctlesion_client.result import SeriesResult
+    from ctlesion_client.sr_report import parse_sr, validate_sr
+    from ctlesion_node.results import build_outputs
+
+    files = []
+    for i, b in enumerate(make_ct_series(4, size=16)):
+        files.append(tmp_path / f"{i}.dcm")
+        files[-1].write_bytes(b)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    result = SeriesResult(series_instance_uid=str(first.SeriesInstanceUID), study_instance_uid=str(first.StudyInstanceUID),
+                          modality="CT", num_slices=4, sop_instance_uids=[], sources=[])
+    (sr,) = build_outputs(result, files)
+    assert validate_sr(sr).ok and parse_sr(sr) == []
+    (again,) = build_outputs(result, list(reversed(files)))
+    assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (sr.SOPInstanceUID, sr.SeriesInstanceUID)
+    (fewer,) = build_outputs(result, files[:3], predecessor_sr=str(sr.SOPInstanceUID))
+    assert fewer.SOPInstanceUID != sr.SOPInstanceUID and fewer.SeriesInstanceUID == sr.SeriesInstanceUID
+    ref = fewer.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == sr.SOPInstanceUID
