@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             source = open_source(args.data, args.cache_dir / "dicom", args.min_readers)
             report = evaluate_source(
                 predictor, source, parse_folds(args.fold), args.out, options, bootstrap=args.bootstrap,
-                progress=not args.no_progress, allow_trained_folds=args.allow_trained_folds,
+                progress=not args.no_progress, allow_trained_folds=args.allow_trained_folds, fpr_onnx=fpr_onnx,
             )
         else:
             report = evaluate(

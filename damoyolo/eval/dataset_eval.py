@@ -1,7 +1,8 @@
 """The official LUNA16 protocol on a real data set (``ctlesion evaluate --data luna16:DIR --fold K``).
 
-Each scan of the held-out fold(s) runs through the serving pipeline (``run_detector_on_case`` on
-its DICOM series: LUNA16 volumes are read from the DICOM cache ``damoyolo.data`` writes), the 100
+Each scan of the held-out fold(s) runs through the served pipeline (``run_detector_on_case`` on
+its DICOM series, then the second stage: LUNA16 volumes are read from the DICOM cache
+``damoyolo.data`` writes; the per-scan work is ``ScoredCases``, shared with the phantom evaluation), the 100
 best candidates per scan are kept, candidates on irrelevant findings (annotations_excluded.csv)
 are ignored, and FROC / CPM with a bootstrap over scans follow (``damoyolo.eval.froc``): the figure
 of ``froc_all``. The candidates are also written in the challenge's submission format
@@ -15,23 +16,18 @@ import csv
 import json
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from damoyolo.data.types import Case, CaseSource, DataError
-from damoyolo.eval.evaluation import EvaluationReport, _tqdm
-from damoyolo.eval.froc import MAX_CANDIDATES_PER_SCAN, TARGET_MIN_DIAMETER_MM, CaseResult, case_result, froc
+from damoyolo.eval.evaluation import EvaluationReport, ScoredCases, _tqdm
+from damoyolo.eval.froc import MAX_CANDIDATES_PER_SCAN
 from damoyolo.eval.plots import plot_froc
 from damoyolo.eval.runner import (
     ModelInfo,
     PredictFn,
     eval_options,
     order_series,
-    run_detector_on_case,
     series_files,
 )
-from damoyolo.eval.slice_map import slice_map, slice_map_inputs
 from damoyolo.eval.truth_geometry import SeriesTruth
 from preprocess_backend.types import Lesion, Options
 
@@ -72,8 +68,14 @@ def evaluate_source(
     bootstrap: int = 1000,
     progress: bool = True,
     allow_trained_folds: bool = False,
+    fpr_onnx: Path | None = None,
+    operating_threshold: float | None = None,
 ) -> EvaluationReport:
-    """Score the scans of ``folds`` of ``source``; writes metrics.json, froc.png and candidates.csv."""
+    """Score the scans of ``folds`` of ``source`` through the served two-stage pipeline (detector,
+    linking, ``fpr_onnx``'s false-positive reduction when given, the 3D size rule); writes
+    metrics.json, froc.png and candidates.csv."""
+    from damoyolo.eval.fpr_stage import FprStage
+
     predict_fn, info = predictor
     overlap = (folds or set()) & _trained_folds(info)
     if overlap and not allow_trained_folds:
@@ -82,41 +84,24 @@ def evaluate_source(
     cases: list[Case] = list(source.cases(folds))
     if not cases:
         raise DataError(f"{source.name}: no scan in fold(s) {sorted(folds) if folds else 'all'}")
+    stage = FprStage(Path(fpr_onnx)) if fpr_onnx is not None else None
+    if operating_threshold is None:
+        operating_threshold = stage.info.operating_threshold if stage is not None else 0.3
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results: list[CaseResult] = []
-    map_preds: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    map_gts: list[tuple[np.ndarray, np.ndarray]] = []
-    per_case: list[dict[str, Any]] = []
+    scored = ScoredCases()
     submission: list[tuple[str, Lesion]] = []
     for case in _tqdm(iterable=cases, desc="evaluate", unit="scan", disable=not progress):
-        tc = time.perf_counter()
         series_dir = case.series_dir()
-        dets, lesions = run_detector_on_case(predict_fn, series_dir, options)
         _, geometry = order_series(series_files(series_dir), options)
         truth = SeriesTruth(case.case_id, list(case.nodules), geometry, list(case.irrelevant))
-        cr = case_result(lesions, truth)
-        results.append(cr)
-        kept = sorted(lesions, key=lambda les: -les.max_score)[:MAX_CANDIDATES_PER_SCAN]
+        lesions = scored.score(predict_fn, series_dir, truth, options, stage, operating_threshold,
+                               {**case.to_dict(), "slices": truth.slices})
+        kept = sorted(lesions, key=lambda les: -les.max_score)[:MAX_CANDIDATES_PER_SCAN]  # what LUNA16 scores
         submission += [(case.case_id, les) for les in kept]
-        p, g = slice_map_inputs(dets, truth)
-        map_preds += p
-        map_gts += g
-        per_case.append({**case.to_dict(), "slices": truth.slices, "detections": len(dets), "lesions": len(lesions),
-                         "seconds": round(time.perf_counter() - tc, 2), "match": cr.match.to_dict()})
     fold_text = "all folds" if folds is None else "fold " + ",".join(str(f) for f in sorted(folds))
-    report = EvaluationReport(
-        model=info,
-        cases=len(cases),
-        froc_target=froc(results, TARGET_MIN_DIAMETER_MM, bootstrap=bootstrap),
-        froc_all=froc(results, 0.0, bootstrap=bootstrap),
-        slice_map=slice_map(map_preds, map_gts),
-        seconds=round(time.perf_counter() - t0, 1),
-        options=options.to_dict(),
-        per_case=per_case,
-        protocol=f"{source.name} {fold_text}",
-    )
+    report = scored.report(info, options, t0, bootstrap, stage, fpr_onnx, operating_threshold, f"{source.name} {fold_text}")
     (out_dir / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     write_submission(out_dir / "candidates.csv", submission)
     plot_froc({f"{source.name} {fold_text}": report.froc_all}, out_dir / "froc.png", title=Path(info.source).name)

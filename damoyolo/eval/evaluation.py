@@ -37,7 +37,7 @@ from damoyolo.eval.runner import (
     torch_predictor,
 )
 from damoyolo.eval.slice_map import slice_map, slice_map_inputs
-from preprocess_backend.types import Options
+from preprocess_backend.types import Lesion, Options
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,64 @@ class EvaluationReport:
             "operating_point": self.operating_point,
             "fpr": self.fpr,
         }
+
+
+@dataclass
+class ScoredCases:
+    """Per-scan results of the served two-stage pipeline, gathered for FROC / CPM, mAP and the report."""
+
+    results: list[CaseResult] = field(default_factory=list)
+    map_preds: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    map_gts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    per_case: list[dict[str, Any]] = field(default_factory=list)
+
+    def score(
+        self, predict_fn: PredictFn, series_dir: Path, truth: Any, options: Options, stage: Any,
+        operating_threshold: float, record: dict[str, Any],
+    ) -> list[Lesion]:
+        """Run one scan (detector, linking, second stage) and match it; returns its lesions."""
+        from damoyolo.eval.fpr_stage import second_stage
+
+        tc = time.perf_counter()
+        dets, candidates = run_detector_on_case(predict_fn, series_dir, options)
+        lesions = second_stage(series_dir, candidates, stage)
+        cr = case_result(lesions, truth)
+        self.results.append(cr)
+        p, g = slice_map_inputs(dets, truth)
+        self.map_preds += p
+        self.map_gts += g
+        self.per_case.append(
+            {
+                **record,
+                "detections": len(dets),
+                "candidates": len(candidates),
+                "lesions": len(lesions),
+                "findings_at_operating_point": sum(les.max_score >= operating_threshold for les in lesions),
+                "seconds": round(time.perf_counter() - tc, 2),
+                "match": cr.match.to_dict(),
+            }
+        )
+        return lesions
+
+    def report(
+        self, info: ModelInfo, options: Options, t0: float, bootstrap: int, stage: Any, fpr_onnx: Path | None,
+        operating_threshold: float, protocol: str = "phantoms",
+    ) -> EvaluationReport:
+        return EvaluationReport(
+            model=info,
+            cases=len(self.results),
+            froc_target=froc(self.results, TARGET_MIN_DIAMETER_MM, bootstrap=bootstrap),
+            froc_all=froc(self.results, 0.0, bootstrap=bootstrap),
+            slice_map=slice_map(self.map_preds, self.map_gts),
+            seconds=round(time.perf_counter() - t0, 1),
+            options=options.to_dict(),
+            per_case=self.per_case,
+            operating_point=operating_point_stats(self.results, operating_threshold),
+            fpr=None if stage is None else {"onnx": str(fpr_onnx), "rule": stage.info.rule,
+                                            "operating_threshold": stage.info.operating_threshold,
+                                            "candidate_threshold": stage.info.candidate_threshold},  # fmt: skip
+            protocol=protocol,
+        )
 
 
 def ensure_cases(
@@ -135,7 +193,7 @@ def evaluate(
     size rule applies either way. ``operating_threshold`` (default: the FPR model's, else the
     article's 0.3) is where sensitivity and false positives per scan are reported.
     """
-    from damoyolo.eval.fpr_stage import FprStage, second_stage
+    from damoyolo.eval.fpr_stage import FprStage
 
     if split_of(seed) in ("train", "validation"):
         log.warning("seed %d lies in the %s range: these are not held-out cases", seed, split_of(seed))
@@ -152,48 +210,17 @@ def evaluate(
     if operating_threshold is None:
         operating_threshold = stage.info.operating_threshold if stage is not None else 0.3
     t0 = time.perf_counter()
-    results: list[CaseResult] = []
-    map_preds: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    map_gts: list[tuple[np.ndarray, np.ndarray]] = []
-    per_case: list[dict[str, Any]] = []
+    scored = ScoredCases()
     for case_dir in _tqdm(iterable=case_dirs, desc="evaluate", unit="case", disable=not progress):
         truth = CaseTruth.load(case_dir / "truth.json")
-        tc = time.perf_counter()
-        dets, candidates = run_detector_on_case(predict_fn, case_dir, options)
-        lesions = second_stage(case_dir, candidates, stage)
-        cr = case_result(lesions, truth)
-        results.append(cr)
-        p, g = slice_map_inputs(dets, truth)
-        map_preds += p
-        map_gts += g
-        per_case.append(
-            {
-                "case_id": truth.case_id,
-                "seed": truth.seed,
-                "slices": truth.geometry.slices,
-                "nodules": [{"nodule_id": n.nodule_id, "diameter_mm": n.diameter_mm, "type": n.type, "attachment": n.attachment} for n in truth.nodules],
-                "detections": len(dets),
-                "candidates": len(candidates),
-                "lesions": len(lesions),
-                "findings_at_operating_point": sum(les.max_score >= operating_threshold for les in lesions),
-                "seconds": round(time.perf_counter() - tc, 2),
-                "match": cr.match.to_dict(),
-            }
-        )
-    report = EvaluationReport(
-        model=info,
-        cases=len(case_dirs),
-        froc_target=froc(results, TARGET_MIN_DIAMETER_MM, bootstrap=bootstrap),
-        froc_all=froc(results, 0.0, bootstrap=bootstrap),
-        slice_map=slice_map(map_preds, map_gts),
-        seconds=round(time.perf_counter() - t0, 1),
-        options=options.to_dict(),
-        per_case=per_case,
-        operating_point=operating_point_stats(results, operating_threshold),
-        fpr=None if stage is None else {"onnx": str(fpr_onnx), "rule": stage.info.rule,
-                                        "operating_threshold": stage.info.operating_threshold,
-                                        "candidate_threshold": stage.info.candidate_threshold},  # fmt: skip
-    )
+        record = {
+            "case_id": truth.case_id,
+            "seed": truth.seed,
+            "slices": truth.geometry.slices,
+            "nodules": [{"nodule_id": n.nodule_id, "diameter_mm": n.diameter_mm, "type": n.type, "attachment": n.attachment} for n in truth.nodules],
+        }
+        scored.score(predict_fn, case_dir, truth, options, stage, operating_threshold, record)
+    report = scored.report(info, options, t0, bootstrap, stage, fpr_onnx, operating_threshold)
     (out_dir / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     plot_froc({f"nodules >= {TARGET_MIN_DIAMETER_MM:g} mm": report.froc_target, "all nodules": report.froc_all}, out_dir / "froc.png", title=Path(info.source).name)
     return report

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from preprocess_backend.contract import ModelContract
 from preprocess_backend.dicom_io import read_header
 from preprocess_backend.errors import DicomInputError
 from preprocess_backend.lesions import link_lesions
@@ -24,6 +25,7 @@ from preprocess_backend.series import SeriesGeometry, assemble_headers
 from preprocess_backend.slabs import plan_slabs
 from preprocess_backend.types import Detection, Lesion, Options
 
+DEFAULT_CONTRACT = ModelContract()
 EVAL_SCORE_THRESHOLD = 0.05  # low, so the FROC curve reaches far enough to the right
 
 PredictFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -72,6 +74,7 @@ def run_detector_on_case(
     slab_size: int = 16,
     halo: int = 1,
     batch_size: int = 8,
+    contract: ModelContract | None = DEFAULT_CONTRACT,
 ) -> tuple[list[Detection], list[Lesion]]:
     """Run the serving pipeline on one case's DICOM series; detections carry series slice indices.
 
@@ -79,7 +82,8 @@ def run_detector_on_case(
     (so every owned slice's 2.5D stack sees its real neighbours); each slab goes through
     ``preprocess_slab`` -> ``predict_fn`` -> ``postprocess_slab`` and detections on halo slices are
     dropped (the slab owning the slice reports them). The kept detections are linked into lesions
-    with the whole series' geometry.
+    with the whole series' geometry. ``contract`` is the served model's input contract (the default
+    deployment's): a series the server would refuse is refused here with the same reason.
     """
     options = options or eval_options()
     if slab_size < 1 or halo < 0:
@@ -88,7 +92,7 @@ def run_detector_on_case(
     detections: list[Detection] = []
     for plan in plan_slabs(len(files), slab_size, halo):
         lo, hi = plan.send_start, plan.send_stop
-        slab = preprocess_slab([files[i].read_bytes() for i in range(lo, hi)], options)
+        slab = preprocess_slab([files[i].read_bytes() for i in range(lo, hi)], options, contract=contract)
         got = [slab.meta.uid(i) for i in range(len(slab.meta))]
         if got != geometry.sop_instance_uids[lo:hi]:  # the server orders the same way; anything else is a bug
             raise DicomInputError(str(case_dir), f"slab {lo}:{hi} came back in another slice order")
