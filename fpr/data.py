@@ -27,7 +27,7 @@ def load_training(mined_dir: Path) -> CubeSet:
     parts: dict[str, list[np.ndarray]] = {"cubes": [], "label": [], "source": [], "det_score": []}
     spec = None
     for f in sorted(Path(mined_dir).glob("*.npz")):
-        if f.name.endswith(".tmp.npz"):
+        if f.name.endswith(".tmp.npz"):  # a miner still writing it
             continue
         with np.load(f) as z:
             keep = z["label"] != LABEL_IGNORED
@@ -51,7 +51,7 @@ def load_eval(mined_dir: Path, cases_dir: Path) -> list[EvalCase]:
     """Mined evaluation cases (one untransformed cube per candidate lesion) with their truth files."""
     out = []
     for f in sorted(Path(mined_dir).glob("*.npz")):
-        if f.name.endswith(".tmp.npz"):
+        if f.name.endswith(".tmp.npz"):  # a miner still writing it
             continue
         with np.load(f) as z:
             lesions = load_lesions(z)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ def mine_case(
     else:
         cubes = np.zeros((0, *spec.shape), np.uint8)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp.npz")
+    tmp = out_path.with_suffix(f".{os.getpid()}.tmp.npz")  # several miners may share a folder
     np.savez_compressed(
         tmp, cubes=cubes, label=np.asarray(lab, np.int8), source=np.asarray(src, np.int8),
         det_score=np.asarray(det, np.float32), lesion_index=np.asarray(lesion_index, np.int32),
