@@ -326,7 +326,8 @@ def contract_and_header_cases() -> list[BadCase]:
     add("per_frame_groups_mismatch", [_per_frame_mismatch(143)],
         "PerFrameFunctionalGroupsSequence has 3 items for NumberOfFrames 2", uid(143), "frame count disagrees")
     # --- work bounded before it is done ---------------------------------------------------------
-    add("deflate_bomb_200mb", [_deflated(None, 200 << 20, 150)], "header parsing exceeded", "item 0",
+    # inflating (~0.3 s) and then parsing 25 M empty elements: whichever passes the time bound first refuses
+    add("deflate_bomb_200mb", [_deflated(None, 200 << 20, 150)], "time bound", "item 0",
         "200 KB deflated -> 200 MB of empty elements (held an instance 85 s before)")
     add("deflate_bomb_400mb", [_deflated(None, 400 << 20, 151)], "inflates to more than", "item 0",
         "deflated data set inflating past the 256 MiB bound")
@@ -750,7 +751,57 @@ def accepted_variants(series: list[bytes]) -> list[ToleratedCase]:
     return out
 
 
-if __name__ == "__main__":  # a quick listing
+def time_cases(repeats: int = 3) -> list[tuple[str, int, float, str]]:
+    """(name, items, best-of-``repeats`` seconds, outcome) of the server's preprocessing of every
+    hostile case and every pydicom bundled file, in this process: ``preprocess_slab`` under the
+    served model's contract is exactly what a preprocess instance runs for one request."""
+    import os
+    import time
+    import warnings
+
+    from pydicom.data import get_testdata_file
+
+    from preprocess_backend.contract import ModelContract
+    from preprocess_backend.errors import DicomInputError
+    from preprocess_backend.pipeline import preprocess_slab
+    from preprocess_backend.types import Options
+
+    contract = ModelContract()
+    requests = [(c.name, c.items, c.limits, c.window) for c in build_cases()]
+    folder = os.path.dirname(get_testdata_file("CT_small.dcm"))
+    for root, _, names in os.walk(folder):
+        for name in sorted(n for n in names if n.endswith(".dcm")):
+            with open(os.path.join(root, name), "rb") as f:
+                requests.append((f"pydicom/{name}", [f.read()], None, None))
+    rows = []
+    for name, items, limits, window in requests:
+        best, outcome = float("inf"), ""
+        for _ in range(repeats):
+            started = time.perf_counter()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if window is not None:
+                        contract.check_window(window)
+                    preprocess_slab(items, Options(limits=limits or Limits()), contract=contract)
+                outcome = "answered"
+            except DicomInputError as exc:
+                outcome = exc.reason[:70]
+            best = min(best, time.perf_counter() - started)
+        rows.append((name, len(items), best, outcome))
+    return rows
+
+
+if __name__ == "__main__":  # a listing, or with --time the per-request preprocessing times
+    import sys
+
+    if "--time" in sys.argv:
+        timed = sorted(time_cases(), key=lambda r: -r[2])
+        for name, n, seconds, outcome in timed[:12]:
+            print(f"{name:40s} {n:3d} items {seconds * 1000:8.1f} ms  {outcome}")
+        print(f"{len(timed)} requests; longest {timed[0][0]}: {timed[0][2]:.2f} s; "
+              f"median {sorted(r[2] for r in timed)[len(timed) // 2] * 1000:.1f} ms")
+        sys.exit(0)
     for case in build_cases():
         print(f"{case.name:28s} {len(case.items):3d} items  expect {case.expect!r}")
     for tolerated in tolerated_cases():

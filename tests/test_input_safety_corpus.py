@@ -221,7 +221,7 @@ def test_every_item_gets_its_expected_answer_beside_a_good_slab(triton: object) 
     assert good_answer["scores"].size > 0, "an empty answer would make the comparisons vacuous"
     jobs = _jobs(good, good_answer)
     good_job = Job("good", good, Expected(False, check=lambda out: same_answer(out, good_answer)))
-    schedule = [j for job in jobs for j in ((job, good_job) if jobs.index(job) % 8 == 0 else (job,))]
+    schedule = [j for i, job in enumerate(jobs) for j in ((job, good_job) if i % 10 == 0 else (job,))]
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda j: (j, *_run(url, j)), schedule))
     slowest = max(results, key=lambda r: r[1])
@@ -234,7 +234,7 @@ def test_every_item_gets_its_expected_answer_beside_a_good_slab(triton: object) 
             assert not isinstance(out, InferenceServerException), (job.name, out.message())
             assert job.expected.check is not None
             job.expected.check(out)
-    assert sum(job is good_job for job, _, _ in results) >= 10
+    assert sum(job is good_job for job, _, _ in results) >= 8
     assert triton.is_ready() and triton.process.poll() is None  # type: ignore[attr-defined]
 
 
