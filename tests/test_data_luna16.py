@@ -203,3 +203,18 @@ def test_luna16_protocol_cpm_equals_the_hand_computation(tmp_path: Path) -> None
                             options, bootstrap=0, progress=False)
     assert plain.froc_all.sensitivities == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0])
     assert plain.froc_all.cpm == pytest.approx(4.5 / 7) and not math.isclose(plain.froc_all.cpm, r.cpm)
+
+
+def test_evaluate_refuses_folds_the_checkpoint_was_trained_on(tmp_path: Path) -> None:
+    from damoyolo.data import DataError
+
+    root = tmp_path / "luna16"
+    (root / "subset1").mkdir(parents=True)
+    write_csv(root / "annotations.csv", [])
+    info = ModelInfo(source="m.pt", backend="torch", model_size=512, in_channels=3,
+                     meta={"train_config": {"data": f"luna16:{root}", "test_fold": 0}})
+    source = open_source(f"luna16:{root}", tmp_path / "cache")
+    with pytest.raises(DataError, match=r"trained or validated on fold\(s\) \[1\]"):
+        evaluate_source((lambda x: x, info), source, {1}, tmp_path / "eval", progress=False)
+    with pytest.raises(FileNotFoundError, match="no subset"):  # fold 0 is held out: allowed, but no volume here
+        evaluate_source((lambda x: x, info), source, {0}, tmp_path / "eval", progress=False)

@@ -188,3 +188,15 @@ def test_pretrained_official_layout_through_the_train_command(tmp_path: Path) ->
     # 5-slice input: the stem no longer fits and is re-initialised too, reported, never silent
     _, report5 = build_detector(TrainConfig(variant="T", pretrained=str(path), k=5))
     assert "backbone.block_list.0.conv.conv.weight" in report5.skipped
+
+
+def test_folds_of_the_luna16_protocol() -> None:
+    from damoyolo.data import DataError
+    from damoyolo.train import TrainConfig, resolve_folds
+
+    assert resolve_folds(TrainConfig(data="luna16:x", test_fold=0)) == (set(range(2, 10)), {1})
+    assert resolve_folds(TrainConfig(data="luna16:x", test_fold=9)) == (set(range(1, 9)), {0})
+    assert resolve_folds(TrainConfig(data="luna16:x", folds="0-7", val_folds="8")) == (set(range(8)), {8})
+    assert resolve_folds(TrainConfig(data="luna16:x", folds="0-5", val_folds="5", test_fold=0)) == ({1, 2, 3, 4}, {5})
+    with pytest.raises(DataError, match="val-folds"):
+        resolve_folds(TrainConfig(data="luna16:x"))
