@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "process-study": ("ctlesion_client.pacs:main", "PACS -> detect -> DICOM SR -> PACS"),
     "node": ("ctlesion_node.cli:main", "DICOM node: receive studies by C-STORE, detect, send SR + key images back"),
     "phantom": ("ctlesion_phantoms.cli:main", "generate phantom CT series (DICOM + truth)"),
+    "testgen": ("ctlesion_testgen.cli:main", "independent test-only CT generator (DICOM + truth), never for training"),
     "variants": ("damoyolo.variants:main", "DAMO-YOLO variants: params / GFLOPs vs the official table"),
     "train": ("damoyolo.train:main", "train the detector on phantom series"),
     "evaluate": ("damoyolo.evaluate:main", "mAP and LUNA16 FROC / CPM on held-out phantoms"),

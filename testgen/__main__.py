@@ -1,0 +1,3 @@
+from ctlesion_testgen.cli import main
+
+raise SystemExit(main())
