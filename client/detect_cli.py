@@ -63,7 +63,7 @@ def tqdm_progress(desc: str = "slabs", enabled: bool = True) -> tuple[Callable[[
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     """Transport and detection options (shared with ``ctlesion demo``)."""
     g = parser.add_argument_group("detection (defaults are the server's: the article's values)")
-    g.add_argument("--window", help="lung (default), mediastinum, bone, soft_tissue, file, or CENTER,WIDTH")
+    g.add_argument("--window", help="lung (default, or -600,1500): the window the model was trained on; the server refuses others")
     g.add_argument("--score-threshold", type=float)
     g.add_argument("--nms-iou", type=float)
     g.add_argument("--min-size-mm", type=float)
