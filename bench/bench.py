@@ -29,11 +29,11 @@ from ctlesion_bench.common import (
     Artifacts,
     Machine,
     build_cpu_repository,
+    client_slabs,
     configure_logging,
     phantom_series_dir,
     read_series,
     repository_detector_onnx,
-    slabs_of,
     write_json,
 )
 from ctlesion_bench.measure import (
@@ -152,8 +152,9 @@ def run(args: argparse.Namespace, result: BenchResult) -> BenchResult:
         art = build_cpu_repository(
             args.checkpoint, out / "artifacts", max_batch_size=args.max_batch_size, onnx=args.onnx
         )
-    items = read_series(args.series_dir or phantom_series_dir(out / "data", args.slices))
-    slabs = slabs_of(items, args.slab_size)
+    series_dir = args.series_dir or phantom_series_dir(out / "data", args.slices)
+    items = read_series(series_dir)
+    slabs = client_slabs(series_dir, art.repository, args.slab_size)  # the requests the client library sends
     info = inspect_onnx(art.onnx)
     opts = Options(model_size=info.height, k=info.channels)
     images = np.concatenate([preprocess_slab(s, opts).images for s in slabs[:2]]).astype(np.float32)
@@ -206,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "work" / "bench")
     p.add_argument("--series-dir", type=Path, help="DICOM series to use (default: a generated phantom)")
     p.add_argument("--slices", type=int, default=64, help="phantom series length")
-    p.add_argument("--slab-size", type=int, default=16)
+    p.add_argument("--slab-size", type=int, default=None,
+                   help="owned slices per request (default: the client library's, from the repository's k and batch)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--int8-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -217,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--naive-slices", type=int, default=0, help="slices for the naive baseline (0: the whole series)"
     )
-    p.add_argument("--max-batch-size", type=int, default=32, help="detector max_batch_size in the repository")
+    p.add_argument("--max-batch-size", type=int, default=64, help="detector max_batch_size in the repository (build-repo's default)")
     p.add_argument("--skip-int8", action="store_true")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--skip-int8-ensemble", action="store_true",

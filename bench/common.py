@@ -137,11 +137,21 @@ def read_series(series_dir: Path) -> list[bytes]:
     return [p.read_bytes() for p in files]
 
 
-def slabs_of(items: list[bytes], slab_size: int) -> list[list[bytes]]:
-    """Consecutive slabs of ``slab_size`` slices (the last, shorter one is dropped if others exist)."""
-    slabs = [items[i : i + slab_size] for i in range(0, len(items), slab_size)]
-    full = [s for s in slabs if len(s) == slab_size]
-    return full or slabs
+def client_slabs(series_dir: Path, repository: Path, slab_size: int | None = None) -> list[list[bytes]]:
+    """The requests the client library sends for this series to this repository's model: ordered by
+    position, slabs planned with the repository's k and detector batch (``RequestShape``), halo
+    included (``prepare_series``, the code ``detect_series`` runs). The short last slab is dropped
+    when full ones exist, so every request of a sweep has one shape."""
+    from ctlesion_client import ClientOptions
+    from ctlesion_client.core import prepare_series
+    from ctlesion_client.slabs import RequestShape
+
+    shape = RequestShape.from_repository(repository)
+    options = ClientOptions(k=shape.k, slab_size=slab_size or RequestShape(shape.k, shape.max_batch_size).slab_size())
+    prepared = prepare_series(series_dir, options)
+    slabs = [prepared.slab_bytes(plan) for plan in prepared.plans]
+    full = max(len(s) for s in slabs)
+    return [s for s in slabs if len(s) == full] or slabs
 
 
 # ----------------------------------------------------------------------------- model repository
@@ -155,7 +165,7 @@ class Artifacts:
 
 
 def build_cpu_repository(
-    checkpoint: Path, work: Path, max_batch_size: int = 32, onnx: Path | None = None
+    checkpoint: Path, work: Path, max_batch_size: int = 64, onnx: Path | None = None
 ) -> Artifacts:
     """Checkpoint -> ONNX -> CPU model repository (exactly as `make demo` builds it)."""
     from ctlesion_export.build_repo import RepoConfig, build_repository

@@ -1,7 +1,7 @@
 """``ctlesion loadtest``: a headless locust run against the Triton ensemble, with the server's own view.
 
     ctlesion loadtest --url 127.0.0.1:8001 --metrics-url http://127.0.0.1:8002/metrics \
-        --users 4 --spawn-rate 1 --run-time 60s --slab-size 16 --out work/loadtest
+        --users 4 --spawn-rate 1 --run-time 60s --out work/loadtest
     ctlesion loadtest --model-repository work/model_repository/cpu --users 4 ...   # starts its own server
     ctlesion loadtest --checkpoint models/ctlesion_damoyolo.pt ...                 # builds the repo too
     ctlesion loadtest --soak --warmup 30s --run-time 180s ...   # memory must stay flat after the warm-up
@@ -54,7 +54,7 @@ class LoadtestConfig:
     users: int = 4
     spawn_rate: float = 1.0
     run_time: str = "60s"
-    slab_size: int = 16
+    slab_size: int | None = None  # owned slices per request; None: the client library's (served k and batch)
     series_dir: Path | None = None
     out: Path = Path("work/loadtest")
     # at the end of --run-time users finish the slab in flight (counted) instead of cancelling it,
@@ -73,6 +73,7 @@ class ClientStats:
     mean_ms: float
     requests_per_s: float
     slices_per_s: float
+    slices_per_request: float = float("nan")  # locust's Average Content Size: what the client library sent
 
 
 @dataclass
@@ -109,12 +110,16 @@ def _f(row: dict[str, str], key: str) -> float:
         return float("nan")
 
 
-def read_stats(csv_path: Path, slab_size: int) -> ClientStats:
-    """The ``Aggregated`` row of locust's ``*_stats.csv``."""
+def read_stats(csv_path: Path, slab_size: int | None = None) -> ClientStats:
+    """The ``Aggregated`` row of locust's ``*_stats.csv``; slices per request from its Average Content
+    Size (the locust user reports each slab's slice count as its response length)."""
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     agg = next((r for r in rows if r.get("Name") == "Aggregated"), rows[-1] if rows else {})
     rps = _f(agg, "Requests/s")
+    per_request = _f(agg, "Average Content Size")
+    if per_request != per_request and slab_size:  # NaN: an old CSV without it
+        per_request = float(slab_size)
     return ClientStats(
         requests=int(_f(agg, "Request Count") or 0),
         failures=int(_f(agg, "Failure Count") or 0),
@@ -123,7 +128,8 @@ def read_stats(csv_path: Path, slab_size: int) -> ClientStats:
         p99_ms=_f(agg, "99%"),
         mean_ms=round(_f(agg, "Average Response Time"), 2),
         requests_per_s=round(rps, 3),
-        slices_per_s=round(rps * slab_size, 2),
+        slices_per_s=round(rps * per_request, 2),
+        slices_per_request=round(per_request, 2),
     )
 
 
@@ -137,7 +143,7 @@ def run_locust(url: str, cfg: LoadtestConfig, series_dir: Path) -> int:
         "--html", str(cfg.out / "locust.html"), "--only-summary", "--stop-timeout", str(cfg.stop_timeout_s),
         "--exit-code-on-error", "0", "--loglevel", "WARNING",
     ]  # fmt: skip
-    env = dict(os.environ, CTLESION_SERIES_DIR=str(series_dir), CTLESION_SLAB_SIZE=str(cfg.slab_size))
+    env = dict(os.environ, CTLESION_SERIES_DIR=str(series_dir), CTLESION_SLAB_SIZE=str(cfg.slab_size or ""))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     log.info("locust: %s", " ".join(cmd))
     with open(cfg.out / "locust.log", "wb") as logf:
@@ -210,7 +216,8 @@ def markdown(res: LoadtestResult) -> str:
     c, cfg = res.client, res.config
     mib = lambda b: f"{b / 2**20:.0f} MiB" if b else "n/a"  # noqa: E731
     lines = [
-        f"# Load test: {cfg.users} users, spawn {cfg.spawn_rate}/s, {cfg.run_time}, slab {cfg.slab_size}",
+        f"# Load test: {cfg.users} users, spawn {cfg.spawn_rate}/s, {cfg.run_time}, "
+        f"slab {cfg.slab_size or 'as the client library plans it'} ({c.slices_per_request:.1f} slices per request)",
         "",
         f"Client machine: {res.machine.cpu_model}, {res.machine.cores} cores, {res.machine.date_utc} (load average "
         f"{res.machine.loadavg_1m:.2f} at the start); server {res.url}"
@@ -272,7 +279,7 @@ def run(args: argparse.Namespace) -> LoadtestResult:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out  # the built repository (if any) is kept in --out/artifacts
-    series = cfg.series_dir or phantom_series_dir(args.out / "data", max(cfg.slab_size * 4, 32))
+    series = cfg.series_dir or phantom_series_dir(args.out / "data", max((cfg.slab_size or 30) * 4, 128))
     with serving(args, work) as (url, metrics_url, server):
         rss_before = server.rss_bytes() if server is not None else None
         before = scrape(metrics_url) if metrics_url else {}
@@ -322,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=4)
     p.add_argument("--spawn-rate", type=float, default=1.0)
     p.add_argument("--run-time", default="60s", help="locust duration, e.g. 60s, 5m")
-    p.add_argument("--slab-size", type=int, default=16)
+    p.add_argument("--slab-size", type=int, default=None,
+                   help="owned slices per request (default: the client library's, from the served model)")
     p.add_argument("--series-dir", type=Path, help="DICOM series to send (default: a generated phantom)")
     p.add_argument(
         "--stop-timeout",

@@ -57,7 +57,7 @@ def markdown(res: BenchResult, plot_dir: str | None = None) -> str:
         "",
         f"Machine: {m.cpu_model}, {m.cores} cores, Python {m.python}, no GPU used; {m.date_utc} (load average "
         f"{m.loadavg_1m:.2f} at the start); run took {res.seconds:.0f} s.",
-        f"Data: phantom CT series of {s.get('series_slices')} slices, slabs of {s.get('slab_size')}, model input "
+        f"Data: phantom CT series of {s.get('series_slices')} slices, slabs of {s.get('slab_size') or 'the client library'}, model input "
         f"{s.get('input')}; every figure is the median of {s.get('repeat')} repeats.",
         "",
         "| | slices/s | note |",

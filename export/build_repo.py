@@ -62,7 +62,7 @@ class RepoConfig:
     """Everything that shapes the repository; its hash decides whether a rebuild is needed."""
 
     target: str = "cpu"
-    max_batch_size: int = 32
+    max_batch_size: int = 64  # two client slabs (30 owned + 2 halo, client.slabs.RequestShape) merge into one batch
     queue_delay_us: int = 2000
     detector_instances: int = 1
     preprocess_instances: int = 2
@@ -477,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", type=Path, help="detector ONNX (default: exported from --checkpoint)")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="used when --onnx is not given")
     parser.add_argument("--engine", type=Path, action="append", help="TensorRT plan(s) for gpu-trt")
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=64,
+                        help="detector batch; the client sizes slabs so two requests merge into one (default %(default)s)")
     parser.add_argument("--queue-delay-us", type=int, default=2000)
     parser.add_argument("--detector-instances", type=int, default=1)
     parser.add_argument("--preprocess-instances", type=int, default=2)
@@ -489,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu target: run merged batches in pieces of at most N slices, bounding "
                              "onnxruntime's arena (0 = whole batch; default %(default)s)")  # fmt: skip
     parser.add_argument("--trt-precision", choices=("fp16", "int8", "none"), default="fp16")
+    parser.add_argument("--precision", choices=("int8", "fp32"), default="int8",
+                        help="cpu target, detector exported from --checkpoint: the calibrated INT8 model (default; "
+                             "FP32's accuracy at 2.4x its speed, models/MODEL_CARD.md) or FP32; --onnx is served as given")  # fmt: skip
     torch_group = parser.add_argument_group("gpu-torch (the detector in torch inside tritonserver's Python backend)")
     torch_group.add_argument("--cores", type=int, default=None, metavar="N",
                              help="the node's cores the preprocess / postprocess instances are scaled to "
@@ -554,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
 
             onnx_path = REPO_ROOT / "work" / "onnx" / (args.checkpoint.stem + ".onnx")
             export_if_changed(args.checkpoint, onnx_path, export_checkpoint)
+            if args.target == "cpu" and args.precision == "int8":  # the CPU default: export/int8_default.py says why
+                from ctlesion_export.int8_default import ensure_cpu_int8
+
+                onnx_path = ensure_cpu_int8(onnx_path, REPO_ROOT / "work" / "phantoms")
         from ctlesion_export.fpr_repo import DEFAULT_FPR_ONNX
 
         fpr_onnx = None if args.no_fpr else (args.fpr_onnx or DEFAULT_FPR_ONNX)

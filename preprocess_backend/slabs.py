@@ -60,3 +60,17 @@ def plan_slabs(num_slices: int, slab_size: int = 16, halo: int = 1) -> list[Slab
         stop = min(start + slab_size, num_slices)
         plans.append(SlabPlan(i, start, stop, max(0, start - halo), min(num_slices, stop + halo)))
     return plans
+
+
+def merging_slab_size(max_batch_size: int, halo: int, merge: int = 2) -> int:
+    """Owned slices per request such that ``merge`` requests, each with its 2 x ``halo`` context
+    slices, fill one detector batch of ``max_batch_size`` (Triton's dynamic batcher never splits a
+    request, so an 18-slice request and a batch of 32 never merge two). Falls back to one request
+    per batch when ``merge`` would leave fewer than one owned slice."""
+    if max_batch_size < 1 or halo < 0 or merge < 1:
+        raise ValueError(f"bad batch {max_batch_size} / halo {halo} / merge {merge}")
+    for m in range(merge, 0, -1):
+        owned = max_batch_size // m - 2 * halo
+        if owned >= 1:
+            return owned
+    return 1
