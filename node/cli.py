@@ -43,8 +43,8 @@ quiet_s = 10          # a series is complete after this many seconds without a n
 modalities = ["CT"]
 min_slices = 20
 max_slices = 2048
-thickness_mm = [0.5, 5.0]
-axial_tolerance_deg = 15
+thickness_mm = [0.5, 5.0]   # the model contract refuses > 5 mm and pixels outside 0.4-1.2 mm
+axial_tolerance_deg = 30
 
 [triton]
 url = "localhost:8001"

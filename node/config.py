@@ -65,7 +65,7 @@ class SelectionConfig:
     min_slices: int = 20
     max_slices: int = 2048
     thickness_mm: tuple[float, float] = (0.5, 5.0)
-    axial_tolerance_deg: float = 15.0
+    axial_tolerance_deg: float = 30.0  # the model contract's tilt limit (preprocess_backend.contract)
 
 
 @dataclass(frozen=True)

@@ -231,8 +231,7 @@ class Node:
     def _close(self, st: S.BatchState) -> None:
         t0 = time.perf_counter()
         files = self.store.instance_files(st.batch_id)
-        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
-        selection = select_series(headers, self.config.selection)
+        selection = select_series(files, self.config.selection)
         st.n_instances, st.closed = len(files), time.time()
         st.timings_s["receive"] = round(st.closed - st.created, 3)
         st.timings_s["select"] = round(time.perf_counter() - t0, 3)

@@ -62,8 +62,8 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> list[pydicom.Dataset]:
     from ctlesion_phantoms.generate import generate_case
 
     out = tmp_path_factory.mktemp("node-phantom")
-    # 256 x 256 at 1.3-1.5 mm pixels: the whole chest in a quarter of the pixels (a few s per series)
-    config = PhantomConfig(matrix=256, slices_max=30, pixel_spacing_mm=(1.3, 1.5), slice_spacing_mm=(2.0, 2.5),
+    # 320 x 320 at 1.0-1.15 mm pixels (the contract's limit is 1.2): the whole chest, 40 % of the pixels
+    config = PhantomConfig(matrix=320, slices_max=30, pixel_spacing_mm=(1.0, 1.15), slice_spacing_mm=(2.0, 2.5),
                            nodules_min=2, nodules_max=3, p_no_nodules=0.0, diameter_mm=(8.0, 20.0))
     truth = generate_case(30_001, out, config)
     files = sorted((out / truth.case_id / "series").glob("*.dcm"))
@@ -163,6 +163,16 @@ def wait_for(predicate, timeout_s: float = 300.0, what: str = "") -> None:  # no
         time.sleep(0.25)
 
 
+def wait_delivered(audit: Path, series_uid: str, count: int = 1, timeout_s: float = 300.0) -> None:
+    """Until the audit shows ``count`` deliveries of the series; a failure of the series fails at once."""
+    def done() -> bool:
+        failed = events(audit, "series_failed", series_uid)
+        assert not failed, f"series failed in the node: {failed[-1]['reason']}"
+        return len(events(audit, "series_delivered", series_uid)) >= count
+
+    wait_for(done, timeout_s, f"delivery {count} of series {series_uid}")
+
+
 def reports_in(orthanc: OrthancServer, study_uid: str) -> tuple[DicomWebPacs, list[str], list[str]]:
     """(pacs, SR SOP UIDs, key-image SOP UIDs) of the study in Orthanc."""
     pacs = DicomWebPacs(orthanc.dicomweb_url, PacsCredentials(orthanc.username, orthanc.password))
@@ -230,7 +240,7 @@ def test_orthanc_pushes_a_study_and_gets_sr_and_key_images_back(
 
     push()
     series_uid, audit = uid_of(ct[0]), n.config.audit_path
-    wait_for(lambda: events(audit, "series_delivered", series_uid), what="the results of the CT series")
+    wait_delivered(audit, series_uid)
     dropped = {r["series_uid"]: r["reason"] for r in events(audit, "series_dropped")}
     assert "localizer" in dropped[uid_of(scout[0])]
     assert "secondary capture" in dropped[uid_of(dose[0])]
@@ -253,13 +263,13 @@ def test_orthanc_pushes_a_study_and_gets_sr_and_key_images_back(
 
     # Pushed again (the PACS retries, or a user re-sends): processed again, the same report.
     push()
-    wait_for(lambda: len(events(audit, "series_delivered", series_uid)) == 2, what="the second delivery")
+    wait_delivered(audit, series_uid, 2)
     _, srs_again, scs_again = reports_in(orthanc, study_uid)
     assert srs_again == srs and sorted(scs_again) == sorted(scs)
 
     # A changed series (one slice fewer) under the same UID: a successor that names its predecessor.
     assert send(n.dicom_port, ct[:-1]) == [0] * 29  # the instances already there keep their SOP UIDs
-    wait_for(lambda: len(events(audit, "series_delivered", series_uid)) == 3, what="the changed series' delivery")
+    wait_delivered(audit, series_uid, 3)
     pacs, srs3, _ = reports_in(orthanc, study_uid)
     new = [u for u in srs3 if u not in srs]
     assert len(new) == 1 and len(pacs.find_series(study_uid, modality="SR")) == 1  # same SR series
@@ -288,10 +298,10 @@ def test_overload_refuses_with_a700_and_loses_nothing(node, orthanc: OrthancServ
     refused = send(n.dicom_port, second)  # the spool holds 30 instances: every one is refused
     assert refused == [0xA700] * 30
     audit = n.config.audit_path
-    wait_for(lambda: events(audit, "series_delivered", uid_of(first[0])), what="the first series")
+    wait_delivered(audit, uid_of(first[0]))
     assert n.spool.usage.instances == 0
     assert send(n.dicom_port, second) == [0x0000] * 30  # the sender retries later: accepted now
-    wait_for(lambda: events(audit, "series_delivered", uid_of(second[0])), what="the resent series")
+    wait_delivered(audit, uid_of(second[0]))
     _, srs, _ = reports_in(orthanc, study_uid)
     assert len(srs) == 2  # one report per series, both delivered
     assert len(events(audit, "store_refused")) == 30
@@ -366,7 +376,7 @@ def test_kill_9_at_each_stage_then_exactly_one_delivery(stage: str, tmp_path: Pa
         _wait_ready(http_port, proc, log)
         if name == "received":
             assert send(port, items) == [0] * 30  # the sender retries the association that failed
-        wait_for(lambda: events(audit, "series_delivered", series_uid), 300, "the delivery after restart")
+        wait_delivered(audit, series_uid)
         time.sleep(2.0)  # a second delivery, if there were one, would come now
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -110,7 +110,10 @@ def test_audit_key_is_required(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 # ----------------------------------------------------------------------------- selection
 def _headers(items: list[bytes]) -> list[pydicom.Dataset]:
-    return [pydicom.dcmread(BytesIO(b), stop_before_pixels=True) for b in items]
+    out = [pydicom.dcmread(BytesIO(b)) for b in items]
+    for ds in out:
+        ds.PixelSpacing = [0.8, 0.8]  # make_ct_series writes 5 mm pixels, outside the model contract
+    return out
 
 
 def test_selection_keeps_axial_ct_and_drops_the_rest() -> None:
@@ -129,7 +132,7 @@ def test_selection_keeps_axial_ct_and_drops_the_rest() -> None:
     sagittal = _headers(make_ct_series(6, size=16))
     for ds in sagittal:
         ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
-    assert "not axial" in select_series(sagittal, cfg).reason
+    assert "not an axial slice" in select_series(sagittal, cfg).reason
     tilted = _headers(make_ct_series(6, size=16))
     for ds in tilted:  # a 10 degree gantry tilt is still axial
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0.98481, -0.17365]
@@ -137,7 +140,11 @@ def test_selection_keeps_axial_ct_and_drops_the_rest() -> None:
     thick = _headers(make_ct_series(6, size=16))
     for ds in thick:
         ds.SliceThickness = 10
-    assert "thickness" in select_series(thick, cfg).reason
+    assert "thickness 10 mm above" in select_series(thick, cfg).reason
+    coarse = _headers(make_ct_series(6, size=16))
+    for ds in coarse:
+        ds.PixelSpacing = [2.0, 2.0]
+    assert "outside the model contract: pixel spacing 2, 2 mm" in select_series(coarse, cfg).reason
     mr = _headers(make_ct_series(6, size=16))
     for ds in mr:
         ds.Modality = "MR"
