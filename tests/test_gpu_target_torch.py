@@ -8,8 +8,10 @@ cpu target's (onnxruntime) on the same series.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -136,7 +138,7 @@ def _match(cpu: list, torch_dets: list, threshold: float) -> None:
 @pytest.mark.triton
 @pytest.mark.slow
 def test_gpu_torch_target_serves_the_cpu_targets_detections(
-    triton: object, checkpoint: Path, phantom_case: Path, tmp_path: Path
+    triton: object, checkpoint: Path, detector_onnx: Path, phantom_case: Path, tmp_path: Path
 ) -> None:
     """The real tritonserver serving the gpu-torch repository (torch fp32 on this CPU) through the client."""
     from ctlesion_client import LesionClient
@@ -152,18 +154,28 @@ def test_gpu_torch_target_serves_the_cpu_targets_detections(
     for f in files[start : start + 16]:  # one short series: one slab around a known nodule
         shutil.copy2(f, series / f.name)
 
-    with LesionClient(triton.grpc_url) as client:  # type: ignore[attr-defined]
-        client.wait_ready(60)
-        cpu = client.detect_series(series)
+    def detect(url: str) -> Any:
+        with LesionClient(url) as client:
+            client.wait_ready(60)
+            return client.detect_series(series)
+
+    def served_by(repo: Path, name: str) -> Any:
+        server = TritonServer(repo, log_path=tmp_path / f"{name}.log").start(timeout_s=240)
+        try:
+            return detect(server.grpc_url)
+        finally:
+            server.stop()
+
+    # The reference is the cpu target serving the same checkpoint in fp32: the session's server when
+    # it serves fp32, else one built here (an INT8 default would differ by quantization, not by torch).
+    fixture_build = json.loads((Path(triton.model_repository) / "BUILD.json").read_text())  # type: ignore[attr-defined]
+    if fixture_build["model"]["quantized"]:
+        cpu = served_by(build_repository(detector_onnx, tmp_path / "cpu", RepoConfig(target="cpu")), "cpu")
+    else:
+        cpu = detect(triton.grpc_url)  # type: ignore[attr-defined]
     repo = build_repository(None, tmp_path / "gpu-torch", RepoConfig(target="gpu-torch", cores=2, torch_threads=1),
                             checkpoint=checkpoint)  # fmt: skip
-    server = TritonServer(repo, log_path=tmp_path / "tritonserver.log").start(timeout_s=240)
-    try:
-        with LesionClient(server.grpc_url) as client:
-            client.wait_ready(60)
-            served = client.detect_series(series)
-    finally:
-        server.stop()
+    served = served_by(repo, "gpu-torch")
     assert served.num_slices == cpu.num_slices == 16
     assert cpu.detections, "the cpu target finds nothing near a known nodule: the comparison would be empty"
     _match(cpu.detections, served.detections, threshold=0.3)

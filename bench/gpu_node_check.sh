@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The gpu-torch target on a lent GPU machine, in ONE device call of about 6-8 minutes. NOT RUN YET:
+# no GPU was lent to the session that wrote it.
+#
+# Here first (network): bash bench/gpu_node_bundle.sh   -> .gpubundle/bundle.tar.xz (git-ignored)
+# Then one call of the device tool, e.g.
+#   run(command="bash bench/gpu_node_check.sh", carry=[".gpubundle"], timeout_s=560)
+# and give the machine back. What comes back under $OUT (at most 8 files):
+#   gpu_node.json     detector alone slices/s per batch bucket (fp16 CUDA graphs), ensemble slices/s
+#                     through the client library and its ratio to the detector's best, the detector's
+#                     average batch under load, executions per CUDA-graph bucket, the 300-slice series
+#                     latency, the locust run's summary, every step's seconds and errors
+#   tritonserver.log  the server's log;  check.log  this script's output;  ldd.txt  when the stub cannot load
+#
+# The machine: Python 3.12 with torch CUDA, numpy 2, grpcio, protobuf, scipy, psutil; no network, no
+# pydicom / tritonclient / locust / tritonserver: those come in the bundle (numpy 1.26.4 too: the
+# Python backend returns empty tensors under numpy 2). Our packages are linked by their import names.
+set -uo pipefail
+OUT=${OUT:-$PWD/work/gpu-node}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/check.log") 2>&1
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+SITE=${CTLESION_GPU_SITE:-/tmp/ctlesion-site}
+BUNDLE=${CTLESION_GPU_BUNDLE:-.gpubundle/bundle.tar.xz}
+PY=${PYTHON:-python3}
+
+[ -f "$BUNDLE" ] || { echo "no $BUNDLE: run bash bench/gpu_node_bundle.sh here first and carry .gpubundle"; exit 2; }
+mkdir -p "$SITE"
+tar -xJf "$BUNDLE" -C "$SITE" || exit 2
+# our packages by their import names (pyproject's package-dir), without pip or network
+"$PY" - "$SITE" <<'EOF' || exit 2
+import pathlib, sys, tomllib
+site = pathlib.Path(sys.argv[1])
+tool = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["tool"]["setuptools"]
+dirs = tool.get("package-dir", {})
+for name in tool["packages"]:
+    link, target = site / name, pathlib.Path(dirs.get(name, name)).resolve()
+    if target.is_dir() and not link.exists():
+        link.symlink_to(target)
+EOF
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c 'import numpy, torch, pydicom, tritonclient.grpc, locust; print("numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available())' || exit 2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+# The 3.12 stub links libpython3.12.so.1.0: find the one of this interpreter.
+LIBDIR=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')
+for d in "$LIBDIR" "$(dirname "$(readlink -f "$(command -v "$PY")")")/../lib" /usr/lib/x86_64-linux-gnu /usr/local/lib; do
+  if [ -e "$d/libpython3.12.so.1.0" ]; then export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; break; fi
+done
+STUB="$SITE/pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub"
+if ldd "$STUB" | grep -q "not found"; then
+  ldd "$STUB" > "$OUT/ldd.txt"; echo "the Python backend stub cannot load here: see ldd.txt"; exit 3
+fi
+echo "setup took $(( $(date +%s) - start )) s"
+
+# One try with a GPU instance of the detector; should the server refuse it (no GPU support in this
+# tritonserver's Python backend), once more with a CPU instance whose torch still runs on CUDA.
+timeout 400 "$PY" -m ctlesion_bench.gpu_node_check --out "$OUT" --start-timeout 150 "$@"
+rc=$?
+if [ $rc -ne 0 ] && "$PY" -c 'import json, sys; sys.exit("server_start" not in json.load(open(sys.argv[1]))["errors"])' \
+     "$OUT/gpu_node.json" 2>/dev/null; then
+  echo "server did not start with a GPU instance; retrying with --torch-instance-kind cpu"
+  mv "$OUT/gpu_node.json" "$OUT/gpu_node_gpu_instance.json"
+  timeout 280 "$PY" -m ctlesion_bench.gpu_node_check --out "$OUT" --torch-instance-kind cpu --start-timeout 120 \
+    --throughput-seconds 25 --locust-run-time 25s "$@"
+  rc=$?
+fi
+echo "gpu_node_check: rc $rc after $(( $(date +%s) - start )) s"
+exit $rc
