@@ -119,8 +119,10 @@ def sample_case(rng: np.random.Generator, config: PhantomConfig) -> WideCase:
     slices_max = config.slices_max
     if config.voxel_budget:
         slices_max = max(8, min(slices_max, config.voxel_budget // (matrix * matrix)))
+    # thin-slice series longer than the voxel budget cover part of the chest (as targeted thin recons do)
+    spacings = WIDE_SLICE_SPACINGS[:3] if rng.random() < 0.12 else WIDE_SLICE_SPACINGS
     geometry, placement = sample_geometry(
-        rng, config, params, pixel, matrix=matrix, slices_max=slices_max, spacings=WIDE_SLICE_SPACINGS, thickness_of=_thickness
+        rng, config, params, pixel, matrix=matrix, slices_max=slices_max, spacings=spacings, thickness_of=_thickness
     )
     kernel = str(_pick(rng, KERNEL_WEIGHTS))
     psf_r, gain_r, grain_r = KERNELS[kernel]

@@ -100,8 +100,16 @@ def _choose(rng: np.random.Generator, weights: dict[str, float]) -> str:
     return k[int(rng.choice(len(k), p=p / p.sum()))]
 
 
-def build_case(seed: int, cfg: TestgenConfig) -> tuple[np.ndarray, dict[str, Any], SeriesLayout]:
-    """HU volume [Z, H, W] (ascending z), truth dict (project schema), how to write the series."""
+@dataclass
+class TestCase:
+    vol: np.ndarray  # HU [Z, H, W], ascending z (before the writer's padding)
+    lung: np.ndarray  # bool [Z, H, W], the lungs before trees and nodules
+    truth: dict[str, Any]  # the project's truth.json schema
+    layout: SeriesLayout  # how the series is encoded
+
+
+def build_case(seed: int, cfg: TestgenConfig) -> TestCase:
+    """One case in memory."""
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, 0x7E57]).spawn(6)]
     r_body, r_scan, r_tree, r_nod, r_noise, r_write = rngs
     t = body.sample_thorax(r_body)
@@ -264,14 +272,15 @@ def build_case(seed: int, cfg: TestgenConfig) -> tuple[np.ndarray, dict[str, Any
         "profile": "testgen",
         "scanner": {"kernel": sc.kernel, "contrast": contrast, "layout": asdict(layout), "noise_model": "fbp-poisson"},
     }
-    return vol, truth, layout
+    return TestCase(vol, lung, truth, layout)
 
 
 def generate_case(seed: int, out_dir: Path, cfg: TestgenConfig | None = None) -> dict[str, Any]:
     cfg = cfg or TestgenConfig()
-    vol, truth, layout = build_case(seed, cfg)
+    case = build_case(seed, cfg)
+    truth = case.truth
     case_dir = Path(out_dir) / truth["case_id"]
-    write_series(vol, truth, case_dir / "series", layout)
+    write_series(case.vol, truth, case_dir / "series", case.layout)
     (case_dir / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
     return truth
 
