@@ -1,7 +1,8 @@
 """LIDC-IDRI: DICOM series plus the original reader XML (``LidcReadMessage``, up to 4 reading sessions).
 
-Our own small reader (pylidc parses the XML only while building its SQL database from a fixed
-folder layout, not as a library call). What it does, per reader and per mark:
+Our own small reader: pylidc has no call that parses a given XML (it ships the annotations of the
+whole LIDC-IDRI as a pre-built SQLite database, built by a separate script), and its 0.2.3 release
+uses ``np.int``, which numpy removed in 1.24. What this reader does, per reader and per mark:
 
 - a nodule >= 3 mm is contoured slice by slice (``roi`` with ``edgeMap`` points in pixel columns /
   rows, ``inclusion`` FALSE for holes): its filled region (pixel centres on integers) gives the
