@@ -1,6 +1,11 @@
 """gRPC clients of the ``lesion_detection`` ensemble: ``LesionClient`` (blocking, threads) and
-``AsyncLesionClient`` (asyncio). Both build requests and results with ``ctlesion_client.core``; they
-differ only in how slabs travel (a thread pool vs tasks under a semaphore).
+``AsyncLesionClient`` (asyncio).
+
+The protocol is written once, in ``_ClientBase``, as step generators (``ctlesion_client.steps``):
+readiness polling, the metadata check, one slab request, one FPR cube request, and the bookkeeping
+around them, with requests and results built by ``ctlesion_client.core``. The two clients only
+perform those steps (blocking vs awaited) and run many at once (a thread pool vs tasks under a
+semaphore).
 
     with LesionClient("localhost:8001") as client:
         client.wait_ready(60)
@@ -15,11 +20,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pydicom
@@ -43,11 +48,12 @@ from ctlesion_client.core import (
     prepare_series,
     transport_kwargs,
 )
-from ctlesion_client.errors import InvalidInputError, ModelMismatchError
+from ctlesion_client.errors import InvalidInputError, ModelMismatchError, ServerError
 from ctlesion_client.options import ClientOptions, DetectOptions
 from ctlesion_client.result import SeriesResult
 from ctlesion_client.retry import call_with_retry, call_with_retry_async, status_of
 from ctlesion_client.slabs import SlabPlan
+from ctlesion_client.steps import Gather, ModelCheck, Offload, Pause, Rpc, SlabTally, Step, StepRunner, Steps
 from preprocess_backend.lesion_filters import LesionFilter
 from preprocess_backend.types import Detection
 
@@ -55,15 +61,24 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (slabs done, slabs in all); first call (0, total)
 ImageInput = str | Path | bytes | bytearray | pydicom.Dataset
+T = TypeVar("T")
+SlabOutcome = tuple[SlabPlan, list[Detection], float]
 
 
 class _ClientBase:
-    """State and bookkeeping shared by both clients (no I/O here)."""
+    """State and the protocol shared by both clients, as steps (no I/O here)."""
 
-    def __init__(self, url: str, options: ClientOptions | None, detect_options: DetectOptions | None) -> None:
+    _grpc_client: Callable[..., Any]  # tritonclient's blocking or asyncio gRPC client class
+    _lock_type: Callable[[], Any]  # threading.Lock or asyncio.Lock
+
+    def __init__(
+        self, url: str, options: ClientOptions | None = None, detect_options: DetectOptions | None = None, *, transport: Any = None
+    ) -> None:
         self.url = url
         self.options = options or ClientOptions()
         self.detect_options = detect_options or DetectOptions()
+        self._transport = transport or self._grpc_client(**transport_kwargs(url, self.options))
+        self._lock = self._lock_type()
         self._checked = not self.options.check_metadata
         self._fpr: fpr_pass.FprServing | None = None
         self._fpr_known = False  # whether the server was asked for its FPR model yet
@@ -136,23 +151,79 @@ class _ClientBase:
     def _slab_request(self, prepared: PreparedSeries, plan: SlabPlan, detect: DetectOptions) -> dict[str, Any]:
         return infer_kwargs(self.options, build_inputs(prepared.slab_bytes(plan), detect))
 
-    def _finish(
-        self,
-        prepared: PreparedSeries,
-        results: Sequence[tuple[SlabPlan, list[Detection]]],
-        detect: DetectOptions,
-        started: float,
-        infer_s: float,
-        latencies: Sequence[float],
-        retries: Sequence[str],
-    ) -> SeriesResult:
-        timings = {
-            "infer_s": infer_s,
-            "slab_latency_mean_s": sum(latencies) / len(latencies) if latencies else 0.0,
-            "slab_latency_max_s": max(latencies, default=0.0),
-            "retries": float(len(retries)),
-        }
-        result = finish(prepared, results, self.options, detect, timings, retries)
+    # ------------------------------------------------------------------ the protocol, as steps
+
+    def _ready_steps(self, timeout_s: float) -> Steps[None]:
+        """Poll server and model readiness until both answer ready; ``DeadlineExceededError`` after ``timeout_s``."""
+        poll = ReadyPoll(self.url, timeout_s)
+        name = self.options.model_name
+        while True:
+            try:
+                server = yield Rpc(lambda t: t.is_server_ready(client_timeout=poll.probe_timeout()))
+                if server and (yield Rpc(lambda t: t.is_model_ready(name, client_timeout=poll.probe_timeout()))):
+                    return
+                status = "not ready"
+            except InferenceServerException as exc:
+                status = status_of(exc)
+            yield Pause(poll.next_delay(status))
+
+    def _check_steps(self) -> Steps[None]:
+        """Once per client: the served metadata against the contract, then whether an FPR model is served."""
+        if self._checked:
+            return
+        timeout = self.options.client_timeout_s
+        metadata = yield Rpc(lambda t: t.get_model_metadata(self.options.model_name, client_timeout=timeout), self.options.retry)
+        self._metadata_verdict(metadata)
+        if not self._fpr_known:
+            self._fpr_verdict((yield from self._fpr_config_steps()))
+
+    def _fpr_config_steps(self) -> Steps[Any]:
+        timeout = self.options.client_timeout_s
+        try:
+            if not (yield Rpc(lambda t: t.is_model_ready(fpr_pass.FPR_MODEL, client_timeout=timeout))):
+                return None
+            return (yield Rpc(lambda t: t.get_model_config(fpr_pass.FPR_CLASSIFIER, as_json=True, client_timeout=timeout)))
+        except InferenceServerException:
+            return None
+
+    def _slab_steps(self, prepared: PreparedSeries, plan: SlabPlan, detect: DetectOptions, retries: list[str]) -> Steps[SlabOutcome]:
+        """One slab: read its files and build the request, send it with retries, parse the detections."""
+        t0 = time.perf_counter()
+        kwargs = yield Offload(self._slab_request, (prepared, plan, detect))
+        retry = {"slab": plan.index, "on_retry": self._on_retry(plan, retries)}
+        try:
+            result = yield Rpc(lambda t: t.infer(**kwargs), self.options.retry, retry)
+        except InvalidInputError as exc:
+            raise enrich_invalid_input(exc, prepared, plan) from exc
+        return plan, parse_response(result), time.perf_counter() - t0
+
+    def _cube_steps(self, prepared: PreparedSeries, result: SeriesResult, request: fpr_pass.CubeRequest) -> Steps[tuple[list[int], Any]]:
+        """One FPR request: the cubes of some lesions -> their probabilities."""
+        kwargs = yield Offload(self._cube_kwargs, (prepared, result, request))
+        out = yield Rpc(lambda t: t.infer(**kwargs), self.options.retry)
+        return list(request.lesions), fpr_pass.probabilities(out)
+
+    def _detect_steps(self, load: Offload, detect_options: DetectOptions | None, progress: ProgressFn | None) -> Steps[SeriesResult]:
+        """Read the input (``load``), check the model, send the slabs, link lesions, run the FPR pass."""
+        started = time.perf_counter()
+        prepared: PreparedSeries = yield load
+        yield ModelCheck()
+        final = detect_options or self.detect_options
+        detect, tally, t0 = self._server_detect(final), SlabTally(len(prepared.plans), progress), time.perf_counter()
+        yield Gather(self._slab_jobs(prepared, detect, tally), tally.add)
+        result = self._finish(prepared, tally, detect, started, time.perf_counter() - t0)
+        t1, answers, cubes = time.perf_counter(), [], self._cube_jobs(prepared, result, final)
+        yield Gather(cubes, answers.append)
+        return self._second_pass(result, len(cubes), answers, final, t1, started)
+
+    def _slab_jobs(self, prepared: PreparedSeries, detect: DetectOptions, tally: SlabTally) -> list[Callable[[], Steps[SlabOutcome]]]:
+        return [lambda plan=plan: self._slab_steps(prepared, plan, detect, tally.retries) for plan in prepared.plans]
+
+    def _cube_jobs(self, prepared: PreparedSeries, result: SeriesResult, detect: DetectOptions) -> list[Callable[[], Steps[Any]]]:
+        return [lambda r=r: self._cube_steps(prepared, result, r) for r in self._cube_requests(prepared, result, detect)]
+
+    def _finish(self, prepared: PreparedSeries, tally: SlabTally, detect: DetectOptions, started: float, infer_s: float) -> SeriesResult:
+        result = finish(prepared, tally.results, self.options, detect, tally.timings(infer_s), tally.retries)
         result.timings["total_s"] = time.perf_counter() - started
         log.info(
             "series %s: %d slices, %d slabs, %d detections, %d lesions in %.2f s",
@@ -161,21 +232,28 @@ class _ClientBase:
         )
         return result
 
+    def _second_pass(self, result: SeriesResult, jobs: int, answers: list[tuple[list[int], Any]], detect: DetectOptions,
+                     fpr_started: float, started: float) -> SeriesResult:
+        """FPR probabilities (none when no cube was sent) -> rescored, filtered lesions; total time."""
+        probs = None
+        if jobs:
+            probs = np.full(len(result.lesions), np.nan, dtype=np.float32)
+            for lesions, p in answers:
+                probs[lesions] = p
+        result = self._complete(result, probs, detect, time.perf_counter() - fpr_started)
+        result.timings["total_s"] = time.perf_counter() - started
+        return result
 
 class LesionClient(_ClientBase):
-    """Blocking client; slabs of a series go out concurrently from a thread pool."""
+    """Blocking client; slabs of a series go out concurrently from a thread pool.
 
-    def __init__(
-        self,
-        url: str,
-        options: ClientOptions | None = None,
-        detect_options: DetectOptions | None = None,
-        *,
-        transport: Transport | None = None,
-    ) -> None:
-        super().__init__(url, options, detect_options)
-        self._transport: Transport = transport or grpcclient.InferenceServerClient(**transport_kwargs(url, self.options))
-        self._lock = threading.Lock()
+    ``LesionClient(url, options=None, detect_options=None, *, transport=None)``; ``transport`` is a
+    ``tritonclient.grpc.InferenceServerClient`` look-alike (tests), made from ``url`` when None.
+    """
+
+    _grpc_client = grpcclient.InferenceServerClient
+    _lock_type = threading.Lock
+    _transport: Transport
 
     def close(self) -> None:
         self._transport.close()
@@ -186,139 +264,67 @@ class LesionClient(_ClientBase):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Block until the server and the model are ready; ``DeadlineExceededError`` after ``timeout_s``."""
-        poll = ReadyPoll(self.url, timeout_s)
-        while True:
+    def _perform(self, step: Step) -> Any:
+        if isinstance(step, Rpc):
+            call = lambda: step.call(self._transport)  # noqa: E731
+            return call_with_retry(call, step.retry, **step.retry_kwargs) if step.retry else call()
+        if isinstance(step, Offload):
+            return step.fn(*step.args)
+        if isinstance(step, Gather):
+            return self._gather(step.jobs, step.on_result)
+        if isinstance(step, ModelCheck):
+            return self.check_model()
+        return time.sleep(step.seconds)
+
+    def _drive(self, steps: Steps[T]) -> T:
+        run = StepRunner(steps)
+        while (step := run.next()) is not None:
             try:
-                if self._transport.is_server_ready(client_timeout=poll.probe_timeout()) and self._transport.is_model_ready(
-                    self.options.model_name, client_timeout=poll.probe_timeout()
-                ):
-                    return
-                status = "not ready"
-            except InferenceServerException as exc:
-                status = status_of(exc)
-            time.sleep(poll.next_delay(status))
+                run.reply = self._perform(step)
+            except Exception as exc:  # handed to the protocol at its yield
+                run.error = exc
+        return run.value  # type: ignore[return-value]
 
-    def check_model(self) -> None:
-        """Compare the served model's metadata with the contract (once; ``ModelMismatchError``)."""
-        with self._lock:
-            if self._checked:
-                return
-            metadata = call_with_retry(
-                lambda: self._transport.get_model_metadata(self.options.model_name, client_timeout=self.options.client_timeout_s),
-                self.options.retry,
-            )
-            self._metadata_verdict(metadata)
-        if not self._fpr_known:
-            self._fpr_verdict(self._fetch_fpr_config())
-
-    def _fetch_fpr_config(self) -> Any:
-        try:
-            if not self._transport.is_model_ready(fpr_pass.FPR_MODEL, client_timeout=self.options.client_timeout_s):
-                return None
-            return self._transport.get_model_config(fpr_pass.FPR_CLASSIFIER, as_json=True, client_timeout=self.options.client_timeout_s)
-        except InferenceServerException:
-            return None
-
-    def _fpr_probs(self, prepared: PreparedSeries, result: SeriesResult, detect: DetectOptions) -> Any:
-        requests = self._cube_requests(prepared, result, detect)
-        if not requests:
-            return None
-        probs = np.full(len(result.lesions), np.nan, dtype=np.float32)
-
-        def one(req: fpr_pass.CubeRequest) -> None:
-            kwargs = self._cube_kwargs(prepared, result, req)
-            out = call_with_retry(lambda: self._transport.infer(**kwargs), self.options.retry)
-            probs[list(req.lesions)] = fpr_pass.probabilities(out)
-
-        with ThreadPoolExecutor(max_workers=max(1, min(self.options.concurrency, len(requests))), thread_name_prefix="ctlesion-fpr") as pool:
-            for fut in [pool.submit(one, r) for r in requests]:
-                fut.result()
-        return probs
-
-    def detect_image(self, image: ImageInput, detect_options: DetectOptions | None = None) -> SeriesResult:
-        """One radiograph, one CT slice or one multi-frame file in a single request."""
-        started = time.perf_counter()
-        return self._run(prepare_image(image), detect_options or self.detect_options, started, None)
-
-    def detect_series(
-        self,
-        series: SeriesInput,
-        *,
-        series_uid: str | None = None,
-        detect_options: DetectOptions | None = None,
-        progress: ProgressFn | None = None,
-    ) -> SeriesResult:
-        """A directory, file paths, Part-10 bytes or pydicom datasets of one series -> ``SeriesResult``."""
-        started = time.perf_counter()
-        prepared = prepare_series(series, self.options, series_uid)
-        return self._run(prepared, detect_options or self.detect_options, started, progress)
-
-    def _send(
-        self, prepared: PreparedSeries, plan: SlabPlan, detect: DetectOptions, retries: list[str]
-    ) -> tuple[SlabPlan, list[Detection], float]:
-        t0 = time.perf_counter()
-        kwargs = self._slab_request(prepared, plan, detect)
-        try:
-            result = call_with_retry(
-                lambda: self._transport.infer(**kwargs), self.options.retry, slab=plan.index, on_retry=self._on_retry(plan, retries)
-            )
-        except InvalidInputError as exc:
-            raise enrich_invalid_input(exc, prepared, plan) from exc
-        return plan, parse_response(result), time.perf_counter() - t0
-
-    def _run(self, prepared: PreparedSeries, detect: DetectOptions, started: float, progress: ProgressFn | None) -> SeriesResult:
-        self.check_model()
-        final = detect
-        detect = self._server_detect(detect)
-        t0 = time.perf_counter()
-        results: list[tuple[SlabPlan, list[Detection]]] = []
-        latencies: list[float] = []
-        retries: list[str] = []  # per call: concurrent series on one client keep theirs apart
-        total = len(prepared.plans)
-        if progress is not None:
-            progress(0, total)  # the bar shows before the first (possibly slow) slab returns
-        workers = max(1, min(self.options.concurrency, total))
+    def _gather(self, jobs: list[Callable[[], Steps[Any]]], on_result: Callable[[Any], None]) -> None:
         # The pool size is the in-flight bound: each worker reads its slab's files, then waits on gRPC.
+        workers = max(1, min(self.options.concurrency, len(jobs)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctlesion-slab") as pool:
-            futures = [pool.submit(self._send, prepared, plan, detect, retries) for plan in prepared.plans]
-            pending = set(futures)
+            pending = {pool.submit(lambda job=job: self._drive(job())) for job in jobs}
             try:
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                     for fut in done:
-                        plan, dets, latency = fut.result()  # raises the first slab error
-                        results.append((plan, dets))
-                        latencies.append(latency)
-                        if progress is not None:
-                            progress(len(results), total)
+                        on_result(fut.result())  # raises the first error
             except BaseException:
                 for fut in pending:
-                    fut.cancel()  # slabs not started yet; running ones end within their deadline
+                    fut.cancel()  # not started yet; running ones end within their deadline
                 raise
-        result = self._finish(prepared, results, detect, started, time.perf_counter() - t0, latencies, retries)
-        t1 = time.perf_counter()
-        probs = self._fpr_probs(prepared, result, final)
-        result = self._complete(result, probs, final, time.perf_counter() - t1)
-        result.timings["total_s"] = time.perf_counter() - started
-        return result
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Block until the server and the model are ready; ``DeadlineExceededError`` after ``timeout_s``."""
+        self._drive(self._ready_steps(timeout_s))
+
+    def check_model(self) -> None:
+        """Compare the served model's metadata with the contract (once; ``ModelMismatchError``)."""
+        with self._lock:
+            self._drive(self._check_steps())
+
+    def detect_image(self, image: ImageInput, detect_options: DetectOptions | None = None) -> SeriesResult:
+        """One radiograph, one CT slice or one multi-frame file in a single request."""
+        return self._drive(self._detect_steps(Offload(prepare_image, (image,)), detect_options, None))
+
+    def detect_series(self, series: SeriesInput, *, series_uid: str | None = None, detect_options: DetectOptions | None = None,
+                      progress: ProgressFn | None = None) -> SeriesResult:
+        """A directory, file paths, Part-10 bytes or pydicom datasets of one series -> ``SeriesResult``."""
+        return self._drive(self._detect_steps(Offload(prepare_series, (series, self.options, series_uid)), detect_options, progress))
 
 
 class AsyncLesionClient(_ClientBase):
-    """asyncio client over ``tritonclient.grpc.aio``; slabs are tasks bounded by a semaphore."""
+    """asyncio client over ``tritonclient.grpc.aio``; slabs are tasks bounded by a semaphore.
+    Same constructor as ``LesionClient``; every call is awaited."""
 
-    def __init__(
-        self,
-        url: str,
-        options: ClientOptions | None = None,
-        detect_options: DetectOptions | None = None,
-        *,
-        transport: Any | None = None,
-    ) -> None:
-        super().__init__(url, options, detect_options)
-        self._transport = transport or grpcaio.InferenceServerClient(**transport_kwargs(url, self.options))
-        self._lock: asyncio.Lock | None = None
+    _grpc_client = grpcaio.InferenceServerClient
+    _lock_type = asyncio.Lock
 
     async def close(self) -> None:
         await self._transport.close()
@@ -329,110 +335,36 @@ class AsyncLesionClient(_ClientBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def wait_ready(self, timeout_s: float = 60.0) -> None:
-        poll = ReadyPoll(self.url, timeout_s)
-        while True:
+    async def _perform(self, step: Step) -> Any:
+        if isinstance(step, Rpc):
+            call = lambda: step.call(self._transport)  # noqa: E731
+            return await (call_with_retry_async(call, step.retry, **step.retry_kwargs) if step.retry else call())
+        if isinstance(step, Offload):  # file reads and request building stay off the event loop
+            return await asyncio.to_thread(step.fn, *step.args)
+        if isinstance(step, Gather):
+            return await self._gather(step.jobs, step.on_result)
+        if isinstance(step, ModelCheck):
+            return await self.check_model()
+        return await asyncio.sleep(step.seconds)
+
+    async def _drive(self, steps: Steps[T]) -> T:
+        run = StepRunner(steps)
+        while (step := run.next()) is not None:
             try:
-                if await self._transport.is_server_ready(client_timeout=poll.probe_timeout()) and await self._transport.is_model_ready(
-                    self.options.model_name, client_timeout=poll.probe_timeout()
-                ):
-                    return
-                status = "not ready"
-            except InferenceServerException as exc:
-                status = status_of(exc)
-            await asyncio.sleep(poll.next_delay(status))
+                run.reply = await self._perform(step)
+            except Exception as exc:  # handed to the protocol at its yield
+                run.error = exc
+        return run.value  # type: ignore[return-value]
 
-    async def check_model(self) -> None:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._checked:
-                return
-            metadata = await call_with_retry_async(
-                lambda: self._transport.get_model_metadata(self.options.model_name, client_timeout=self.options.client_timeout_s),
-                self.options.retry,
-            )
-            self._metadata_verdict(metadata)
-            if not self._fpr_known:
-                self._fpr_verdict(await self._fetch_fpr_config())
-
-    async def _fetch_fpr_config(self) -> Any:
-        try:
-            if not await self._transport.is_model_ready(fpr_pass.FPR_MODEL, client_timeout=self.options.client_timeout_s):
-                return None
-            return await self._transport.get_model_config(fpr_pass.FPR_CLASSIFIER, as_json=True, client_timeout=self.options.client_timeout_s)
-        except InferenceServerException:
-            return None
-
-    async def _fpr_probs(self, prepared: PreparedSeries, result: SeriesResult, detect: DetectOptions) -> Any:
-        requests = self._cube_requests(prepared, result, detect)
-        if not requests:
-            return None
-        probs = np.full(len(result.lesions), np.nan, dtype=np.float32)
+    async def _gather(self, jobs: list[Callable[[], Steps[Any]]], on_result: Callable[[Any], None]) -> None:
         semaphore = asyncio.Semaphore(self.options.concurrency)
 
-        async def one(req: fpr_pass.CubeRequest) -> None:
+        async def one(job: Callable[[], Steps[Any]]) -> None:
             async with semaphore:
-                kwargs = await asyncio.to_thread(self._cube_kwargs, prepared, result, req)
-                out = await call_with_retry_async(lambda: self._transport.infer(**kwargs), self.options.retry)
-            probs[list(req.lesions)] = fpr_pass.probabilities(out)
+                value = await self._drive(job())
+            on_result(value)
 
-        await asyncio.gather(*(one(r) for r in requests))
-        return probs
-
-    async def detect_image(self, image: ImageInput, detect_options: DetectOptions | None = None) -> SeriesResult:
-        started = time.perf_counter()
-        prepared = await asyncio.to_thread(prepare_image, image)
-        return await self._run(prepared, detect_options or self.detect_options, started, None)
-
-    async def detect_series(
-        self,
-        series: SeriesInput,
-        *,
-        series_uid: str | None = None,
-        detect_options: DetectOptions | None = None,
-        progress: ProgressFn | None = None,
-    ) -> SeriesResult:
-        started = time.perf_counter()
-        # Header reading is file I/O: keep it off the event loop.
-        prepared = await asyncio.to_thread(prepare_series, series, self.options, series_uid)
-        return await self._run(prepared, detect_options or self.detect_options, started, progress)
-
-    async def _send(
-        self, prepared: PreparedSeries, plan: SlabPlan, detect: DetectOptions, retries: list[str]
-    ) -> tuple[SlabPlan, list[Detection], float]:
-        t0 = time.perf_counter()
-        kwargs = await asyncio.to_thread(self._slab_request, prepared, plan, detect)
-        try:
-            result = await call_with_retry_async(
-                lambda: self._transport.infer(**kwargs), self.options.retry, slab=plan.index, on_retry=self._on_retry(plan, retries)
-            )
-        except InvalidInputError as exc:
-            raise enrich_invalid_input(exc, prepared, plan) from exc
-        return plan, parse_response(result), time.perf_counter() - t0
-
-    async def _run(self, prepared: PreparedSeries, detect: DetectOptions, started: float, progress: ProgressFn | None) -> SeriesResult:
-        await self.check_model()
-        final = detect
-        detect = self._server_detect(detect)
-        t0 = time.perf_counter()
-        semaphore = asyncio.Semaphore(self.options.concurrency)
-        results: list[tuple[SlabPlan, list[Detection]]] = []
-        latencies: list[float] = []
-        retries: list[str] = []  # per call: concurrent series on one client keep theirs apart
-        total = len(prepared.plans)
-        if progress is not None:
-            progress(0, total)  # the bar shows before the first (possibly slow) slab returns
-
-        async def one(plan: SlabPlan) -> None:
-            async with semaphore:
-                plan, dets, latency = await self._send(prepared, plan, detect, retries)
-            results.append((plan, dets))
-            latencies.append(latency)
-            if progress is not None:
-                progress(len(results), total)
-
-        tasks = [asyncio.create_task(one(plan)) for plan in prepared.plans]
+        tasks = [asyncio.create_task(one(job)) for job in jobs]
         try:
             await asyncio.gather(*tasks)
         except BaseException:
@@ -441,9 +373,18 @@ class AsyncLesionClient(_ClientBase):
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        result = self._finish(prepared, results, detect, started, time.perf_counter() - t0, latencies, retries)
-        t1 = time.perf_counter()
-        probs = await self._fpr_probs(prepared, result, final)
-        result = self._complete(result, probs, final, time.perf_counter() - t1)
-        result.timings["total_s"] = time.perf_counter() - started
-        return result
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        await self._drive(self._ready_steps(timeout_s))
+
+    async def check_model(self) -> None:
+        async with self._lock:
+            await self._drive(self._check_steps())
+
+    async def detect_image(self, image: ImageInput, detect_options: DetectOptions | None = None) -> SeriesResult:
+        return await self._drive(self._detect_steps(Offload(prepare_image, (image,)), detect_options, None))
+
+    async def detect_series(self, series: SeriesInput, *, series_uid: str | None = None,
+                            detect_options: DetectOptions | None = None, progress: ProgressFn | None = None) -> SeriesResult:
+        # Header reading is file I/O: Offload keeps it off the event loop.
+        return await self._drive(self._detect_steps(Offload(prepare_series, (series, self.options, series_uid)), detect_options, progress))
