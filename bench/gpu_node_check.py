@@ -73,6 +73,19 @@ class Step:
         return exc is None or isinstance(exc, Exception)
 
 
+def series_of(work: Path, slices: int) -> Path:
+    """A phantom series of exactly ``slices`` files where the generator allows (thin slices, cropped chest)."""
+    from ctlesion_bench.common import PHANTOM_SEED
+    from ctlesion_phantoms import PhantomConfig, generate_case
+
+    case_id = f"gpu_node_{slices}"
+    series = work / case_id / "series"
+    if not (series.is_dir() and any(series.iterdir())):
+        config = PhantomConfig(slices_max=slices, slice_spacing_mm=(0.6, 0.7), max_vessel_segments=300, p_no_nodules=0.0)
+        generate_case(PHANTOM_SEED, work, config, case_id=case_id)
+    return series
+
+
 def environment() -> dict[str, Any]:
     import numpy as np
     import torch
@@ -198,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         out_json.write_text(json.dumps(asdict(report), indent=2, default=str))
 
-    from ctlesion_bench.common import phantom_series_dir
     from ctlesion_export.build_repo import RepoConfig, build_repository
     from ctlesion_export.torch_serving import buckets_up_to
 
@@ -206,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     with Step(report, "environment"):
         report.environment = environment()
     with Step(report, "phantom_series"):
-        series = phantom_series_dir(args.work / "phantoms", args.series_slices)
+        series = series_of(args.work / "phantoms", args.series_slices)
+        report.environment["series_files"] = len(list(series.glob("*.dcm")))
     with Step(report, "detector_alone"):
         report.detector_alone = detector_alone(args.checkpoint, buckets_up_to(cfg.max_batch_size), args.detector_seconds)
         report.detector_alone_best = max(report.detector_alone, key=lambda r: r["slices_per_s"])
