@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from dicom_factory import series_bytes
 
 from damoyolo.augment import hflip, rotate, vflip
 from damoyolo.eval.truth_geometry import SeriesTruth, truth_slice_boxes
 from preprocess_backend.lesions import link_lesions, midline_x_from_mask
 from preprocess_backend.letterbox import letterbox
+from preprocess_backend.pipeline import SlabMeta, postprocess_slab, preprocess_slab
 from preprocess_backend.series import SeriesGeometry
-from preprocess_backend.types import Detection
+from preprocess_backend.types import Detection, Options
 
 
 def _blob(h: int, w: int, cx: float, cy: float, sigma: float = 6.0) -> np.ndarray:
@@ -110,3 +112,23 @@ def test_side_splits_at_the_patient_midline_when_known() -> None:
     assert link_lesions(dets, g, midline_x_mm=midline)[0].side == "right"
     with pytest.raises(Exception, match="empty mask"):
         midline_x_from_mask(np.zeros((g.rows, g.columns), bool), g)
+
+
+def test_the_served_pipeline_maps_a_model_box_back_to_its_patient_point() -> None:
+    """preprocess_slab letterboxes 400 x 400 slices to 512; a detector box drawn (in model pixels)
+    around a known patient point comes back from postprocess_slab with that point as its centre."""
+    volume = np.full((3, 400, 400), 40.0, np.float32)
+    items = series_bytes(volume, spacing=(0.8, 0.8), slice_spacing=1.25, z0=-100.0, origin_xy=(-160.0, -150.0))
+    options = Options(model_size=512, anatomy="none")
+    slab = preprocess_slab(items, options)
+    meta = SlabMeta.from_arrays(slab.meta.to_arrays())
+    point = np.array([-160.0 + 123.3 * 0.8, -150.0 + 201.7 * 0.8, -100.0 + 1.25])  # column 123.3, row 201.7, slice 1
+    col, row = 123.3, 201.7
+    model_box = meta.transform(1).to_model(np.array([[col - 6, row - 6, col + 6, row + 6]]))[0]
+    assert not meta.transform(1).is_identity  # 400 -> 512: the scale matters
+    scores = np.zeros((3, 4, 1), np.float32)
+    boxes = np.zeros((3, 4, 4), np.float32)
+    scores[1, 0, 0], boxes[1, 0] = 0.9, model_box
+    (det,) = postprocess_slab(scores, boxes, meta, options)
+    np.testing.assert_allclose(det.centre_mm, point, atol=0.02)
+    np.testing.assert_allclose(det.box_px, [col - 6, row - 6, col + 6, row + 6], atol=0.02)
