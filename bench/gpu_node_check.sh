@@ -42,6 +42,7 @@ EOF
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c 'import numpy, torch, pydicom, tritonclient.grpc, locust; print("numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available())' || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+df -h /dev/shm || true   # each Python-backend stub takes a 64 MiB shared-memory pool (16 stubs on 16 cores)
 
 # The 3.12 stub links libpython3.12.so.1.0: find the one of this interpreter.
 LIBDIR=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')
