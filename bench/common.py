@@ -108,10 +108,12 @@ def phantom_series_dir(out: Path, slices: int, seed: int = PHANTOM_SEED) -> Path
 
     from ctlesion_phantoms import PhantomConfig, generate_case
 
-    case_dir = out / f"phantom_{seed}_{max(slices, 8)}"
+    thin = slices > 150  # a whole chest fits ~150 slices at the generator's spacings: thin slices for more
+    case_dir = out / f"phantom_{seed}_{max(slices, 8)}{'_thin' if thin else ''}"
     series = case_dir / "series"
     if not (series.is_dir() and any(series.iterdir())):
-        config = PhantomConfig(slices_max=max(slices, 8), max_vessel_segments=300, p_no_nodules=0.0)
+        spacing = {"slice_spacing_mm": (0.6, 0.8), "slices_max": max(slices, 8) + 200} if thin else {"slices_max": max(slices, 8)}
+        config = PhantomConfig(max_vessel_segments=300, p_no_nodules=0.0, **spacing)  # type: ignore[arg-type]
         generate_case(seed, case_dir.parent, config, case_id=case_dir.name)
         log.info("phantom series %s", series)
     files = _dicom_files(series)

@@ -52,7 +52,7 @@ from ctlesion_client.errors import InvalidInputError, ModelMismatchError, Server
 from ctlesion_client.options import ClientOptions, DetectOptions
 from ctlesion_client.result import SeriesResult
 from ctlesion_client.retry import call_with_retry, call_with_retry_async, status_of
-from ctlesion_client.slabs import SlabPlan
+from ctlesion_client.slabs import DEFAULT_K, RequestShape, SlabPlan, step_model_names
 from ctlesion_client.steps import Gather, ModelCheck, Offload, Pause, Rpc, SlabTally, Step, StepRunner, Steps
 from preprocess_backend.lesion_filters import LesionFilter
 from preprocess_backend.types import Detection
@@ -82,6 +82,7 @@ class _ClientBase:
         self._checked = not self.options.check_metadata
         self._fpr: fpr_pass.FprServing | None = None
         self._fpr_known = False  # whether the server was asked for its FPR model yet
+        self._shape: RequestShape | None = None  # what the served ensemble declares (k, detector batch)
 
     def _fpr_verdict(self, config: Any) -> None:
         self._fpr = None if config is None else fpr_pass.serving_from_config(config)
@@ -168,7 +169,10 @@ class _ClientBase:
             yield Pause(poll.next_delay(status))
 
     def _check_steps(self) -> Steps[None]:
-        """Once per client: the served metadata against the contract, then whether an FPR model is served."""
+        """Once per client: the served request shape and metadata against the contract, then whether an
+        FPR model is served."""
+        if self._shape is None:
+            self._shape = yield from self._shape_steps()
         if self._checked:
             return
         timeout = self.options.client_timeout_s
@@ -176,6 +180,37 @@ class _ClientBase:
         self._metadata_verdict(metadata)
         if not self._fpr_known:
             self._fpr_verdict((yield from self._fpr_config_steps()))
+
+    def _shape_steps(self) -> Steps[RequestShape]:
+        """The ensemble's and its steps' configs -> the served k and detector batch (``RequestShape``)."""
+        timeout = self.options.client_timeout_s
+
+        def config(name: str) -> Any:
+            return lambda t: t.get_model_config(name, as_json=True, client_timeout=timeout)
+
+        try:
+            ensemble = yield Rpc(config(self.options.model_name), self.options.retry)
+            steps = {}
+            for name in step_model_names(ensemble):
+                steps[name] = yield Rpc(config(name), self.options.retry)
+        except (InferenceServerException, ServerError, AttributeError):  # configs refused (old server, test transport)
+            return RequestShape()
+        return RequestShape.from_configs(ensemble, steps)
+
+    def planning_options(self) -> ClientOptions:
+        """The options slabs are cut with: k from the served model (an explicit, different k is a
+        ``ModelMismatchError``), the slab size that lets two requests merge into one detector batch
+        unless ``slab_size`` is set."""
+        shape = self._shape or RequestShape()
+        if shape.k is not None and self.options.k is not None and self.options.k != shape.k:
+            raise ModelMismatchError(self.options.model_name, [f"the served model takes k = {shape.k} context slices, the client was told k = {self.options.k}"])
+        k = shape.k or self.options.k or DEFAULT_K
+        slab = self.options.slab_size or RequestShape(k, shape.max_batch_size).slab_size()
+        return replace(self.options, k=k, slab_size=slab)
+
+    def _prepare(self, series: SeriesInput, series_uid: str | None = None) -> PreparedSeries:
+        """Headers read, series ordered, slabs cut with ``planning_options`` (after the model check)."""
+        return prepare_series(series, self.planning_options(), series_uid)
 
     def _fpr_config_steps(self) -> Steps[Any]:
         timeout = self.options.client_timeout_s
@@ -206,8 +241,8 @@ class _ClientBase:
     def _detect_steps(self, load: Offload, detect_options: DetectOptions | None, progress: ProgressFn | None) -> Steps[SeriesResult]:
         """Read the input (``load``), check the model, send the slabs, link lesions, run the FPR pass."""
         started = time.perf_counter()
+        yield ModelCheck()  # first: the served k and detector batch decide the slabs (planning_options)
         prepared: PreparedSeries = yield load
-        yield ModelCheck()
         final = detect_options or self.detect_options
         detect, tally, t0 = self._server_detect(final), SlabTally(len(prepared.plans), progress), time.perf_counter()
         yield Gather(self._slab_jobs(prepared, detect, tally), tally.add)
@@ -223,7 +258,7 @@ class _ClientBase:
         return [lambda r=r: self._cube_steps(prepared, result, r) for r in self._cube_requests(prepared, result, detect)]
 
     def _finish(self, prepared: PreparedSeries, tally: SlabTally, detect: DetectOptions, started: float, infer_s: float) -> SeriesResult:
-        result = finish(prepared, tally.results, self.options, detect, tally.timings(infer_s), tally.retries)
+        result = finish(prepared, tally.results, self.planning_options(), detect, tally.timings(infer_s), tally.retries)
         result.timings["total_s"] = time.perf_counter() - started
         log.info(
             "series %s: %d slices, %d slabs, %d detections, %d lesions in %.2f s",
@@ -309,6 +344,12 @@ class LesionClient(_ClientBase):
         with self._lock:
             self._drive(self._check_steps())
 
+    def prepare(self, series: SeriesInput, series_uid: str | None = None) -> PreparedSeries:
+        """The ordered series and the slabs this client sends for it (the served k and detector batch
+        decide them): what ``detect_series`` sends, for load tests and benchmarks to send too."""
+        self.check_model()
+        return self._prepare(series, series_uid)
+
     def detect_image(self, image: ImageInput, detect_options: DetectOptions | None = None) -> SeriesResult:
         """One radiograph, one CT slice or one multi-frame file in a single request."""
         return self._drive(self._detect_steps(Offload(prepare_image, (image,)), detect_options, None))
@@ -316,7 +357,7 @@ class LesionClient(_ClientBase):
     def detect_series(self, series: SeriesInput, *, series_uid: str | None = None, detect_options: DetectOptions | None = None,
                       progress: ProgressFn | None = None) -> SeriesResult:
         """A directory, file paths, Part-10 bytes or pydicom datasets of one series -> ``SeriesResult``."""
-        return self._drive(self._detect_steps(Offload(prepare_series, (series, self.options, series_uid)), detect_options, progress))
+        return self._drive(self._detect_steps(Offload(self._prepare, (series, series_uid)), detect_options, progress))
 
 
 class AsyncLesionClient(_ClientBase):
@@ -387,4 +428,4 @@ class AsyncLesionClient(_ClientBase):
     async def detect_series(self, series: SeriesInput, *, series_uid: str | None = None,
                             detect_options: DetectOptions | None = None, progress: ProgressFn | None = None) -> SeriesResult:
         # Header reading is file I/O: Offload keeps it off the event loop.
-        return await self._drive(self._detect_steps(Offload(prepare_series, (series, self.options, series_uid)), detect_options, progress))
+        return await self._drive(self._detect_steps(Offload(self._prepare, (series, series_uid)), detect_options, progress))

@@ -61,19 +61,20 @@ class ClientOptions:
     model_name: str = DEFAULT_MODEL
     client_timeout_s: float = 120.0  # per call; a slab of 18 slices takes seconds on 2 CPU cores
     concurrency: int = 4  # slabs in flight per series (about 2 x instances keeps the batcher fed)
-    slab_size: int = 16  # owned slices per request; + 2 x halo must stay <= the detector max batch
-    k: int = 3  # the model's 2.5D context; halo = k // 2 slices at each slab end
+    # owned slices per request; None: two requests (+ 2 x halo each) fill one served detector batch
+    slab_size: int | None = None
+    k: int | None = None  # the model's 2.5D context (halo = k // 2 slices at each slab end); None: the served one
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     tls: TlsOptions | None = None
     compression: str = "none"  # gRPC message compression: none | gzip | deflate
     check_metadata: bool = True  # compare the ensemble's metadata with the contract on first use
 
     def __post_init__(self) -> None:
-        if self.slab_size < 1:
+        if self.slab_size is not None and self.slab_size < 1:
             raise ValueError(f"slab_size must be >= 1, got {self.slab_size}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.k < 1 or self.k % 2 == 0:
+        if self.k is not None and (self.k < 1 or self.k % 2 == 0):
             raise ValueError(f"k must be odd and >= 1, got {self.k}")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
@@ -82,7 +83,7 @@ class ClientOptions:
 
     @property
     def halo(self) -> int:
-        return self.k // 2
+        return (self.k or 3) // 2  # the client resolves k from the served model first (planning_options)
 
     @property
     def compression_algorithm(self) -> str | None:

@@ -2,13 +2,14 @@
 
 Non-HTTP client pattern from locust's docs / examples/grpc: gRPC is made gevent-cooperative with
 ``grpc.experimental.gevent.init_gevent()``, and every call fires ``events.request`` itself with its
-timing, response length and exception. One request = one slab of consecutive slices of one series,
-sent as ``dicom`` BYTES [slab_size]. ``response_length`` is the number of slices in the slab, so
-"Average Content Size" in the reports is slices per request.
+timing, response length and exception. One request = one slab exactly as the client library sends
+it (``LesionClient.prepare``: series ordered by position, slabs planned with the served model's k and
+detector batch, halo slices included), as ``dicom`` BYTES [slab + halo]. ``response_length`` is the
+number of slices in the slab, so "Average Content Size" in the reports is slices per request.
 
 Configuration (environment, set by ``ctlesion loadtest``):
-  CTLESION_SERIES_DIR   folder of one DICOM series (Part-10 files, sorted by name = slice order)
-  CTLESION_SLAB_SIZE    slices per request (default 16)
+  CTLESION_SERIES_DIR   folder of one DICOM series (any file names: ordered by position, as the client does)
+  CTLESION_SLAB_SIZE    owned slices per request (default: the client's, from the served model)
   CTLESION_MODEL        ensemble name (default lesion_detection)
   CTLESION_TIMEOUT_S    client timeout per request (default 120)
 Host: ``--host grpc://127.0.0.1:8001`` (the scheme is optional).
@@ -35,18 +36,21 @@ from locust import User, constant, events, task  # noqa: E402
 from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
 
 MODEL = os.environ.get("CTLESION_MODEL", "lesion_detection")
-SLAB_SIZE = int(os.environ.get("CTLESION_SLAB_SIZE", "16"))
+SLAB_SIZE = int(os.environ["CTLESION_SLAB_SIZE"]) if os.environ.get("CTLESION_SLAB_SIZE") else None
 TIMEOUT_S = float(os.environ.get("CTLESION_TIMEOUT_S", "120"))
 _SLABS: list[list[bytes]] = []
 
 
-def load_slabs(series_dir: Path, slab_size: int) -> list[list[bytes]]:
-    files = sorted(p for p in series_dir.rglob("*") if p.is_file() and p.suffix.lower() in (".dcm", ""))
-    items = [p.read_bytes() for p in files]
-    if not items:
-        raise FileNotFoundError(f"no DICOM files under {series_dir}")
-    slabs = [items[i : i + slab_size] for i in range(0, len(items), slab_size)]
-    return [s for s in slabs if len(s) == slab_size] or slabs
+def load_slabs(series_dir: Path, host: str, slab_size: int | None = None) -> list[list[bytes]]:
+    """The requests the client library would send for this series to this server (its slabs, halo
+    included); the short last slab is dropped when full ones exist, so every request has one shape."""
+    from ctlesion_client import ClientOptions, LesionClient
+
+    with LesionClient(host, ClientOptions(model_name=MODEL, slab_size=slab_size, client_timeout_s=TIMEOUT_S)) as client:
+        prepared = client.prepare(series_dir)
+    slabs = [prepared.slab_bytes(plan) for plan in prepared.plans]
+    full = max(len(s) for s in slabs)
+    return [s for s in slabs if len(s) == full] or slabs
 
 
 @events.init.add_listener
@@ -54,7 +58,8 @@ def _on_init(environment: object, **_: object) -> None:
     series = os.environ.get("CTLESION_SERIES_DIR")
     if not series:
         raise SystemExit("set CTLESION_SERIES_DIR to a DICOM series folder (ctlesion loadtest does)")
-    _SLABS.extend(load_slabs(Path(series), SLAB_SIZE))
+    host = (getattr(environment, "host", None) or "127.0.0.1:8001").split("://", 1)[-1]
+    _SLABS.extend(load_slabs(Path(series), host, SLAB_SIZE))
 
 
 @events.test_stop.add_listener
