@@ -30,6 +30,7 @@ from ctlesion_export.repo_check import (
     tensorrt_missing,
     write_engine_manifest,
 )
+from ctlesion_export.repo_check import main as check_main
 from preprocess_backend.pipeline import FINDING_TENSORS, SLAB_META_TENSORS
 from preprocess_backend.types import Limits
 
@@ -192,11 +193,14 @@ def test_python_models_are_checked_against_the_tensors_they_produce(small_onnx: 
     assert "preprocess's output" in str(err.value)
 
 
-def test_a_correct_repository_passes_the_check(small_onnx: Path, tmp_path: Path) -> None:
+def test_a_correct_repository_passes_the_check(small_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = build_repository(small_onnx, tmp_path / "r", RepoConfig(target="gpu-onnx"))
     report = check_repository(out)
     assert {line.split(":")[0] for line in report.checked} >= {"detector", "preprocess", "postprocess", ENSEMBLE}
     assert not report.skipped
+    assert check_main([str(out)]) == 0 and "checked  detector: config.pbtxt vs model.onnx" in capsys.readouterr().out
+    shutil.copy2(small_onnx, out / "detector" / "1" / "model.onnx")  # the float file where UINT8 is declared
+    assert check_main([str(out)]) == 1 and "is UINT8 in config.pbtxt but FP32" in capsys.readouterr().err
 
 
 def test_gpu_onnx_uint8_input_gives_the_same_outputs(small_onnx: Path, tmp_path: Path) -> None:
