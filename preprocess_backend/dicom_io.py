@@ -474,6 +474,9 @@ def _header_of(ds: Dataset, label: str, warnings: list[str]) -> DicomHeader:
     ident = _identity(ds, warnings)
     label = label or ident["sop_instance_uid"]
     geo = _geometry(ds, 0, label, warnings)
+    if _transfer_syntax(ds) == JPEG_EXTENDED_12BIT and (_int(_get(ds, "BitsStored"), 8) or 8) > 8:
+        # the server's decode may fall back to dcmtk (decode_frames says so); the client can only predict it
+        warnings.append("12-bit JPEG Extended: decoded with dcmtk's dcmdjpeg where pydicom's decoders refuse it")
     return DicomHeader(
         source=label,
         sop_class_uid=_sop_class(ds),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from bad_dicom_corpus import _deflated, good_item
 from dicom_factory import make_slice
-from test_input_safety_corpus import LIDC, TOTALSEG, _dicom_files
+from test_input_safety_corpus import LIDC, TOTALSEG, _dicom_files, _jpeg_extended_ct
 
 from ctlesion_client.core import collect_items, select_series
 from preprocess_backend.contract import ModelContract
@@ -94,3 +94,9 @@ def test_header_warnings_travel_to_decoded_slices() -> None:
     s = decode_frames(item)[0]
     assert h.sop_instance_uid == s.sop_instance_uid != ""
     assert h.warnings == s.warnings and "MediaStorageSOPInstanceUID" in h.warnings[0]
+
+
+def test_client_header_says_a_12bit_jpeg_extended_item_may_need_dcmtk() -> None:
+    (item,), _ = collect_items([_jpeg_extended_ct()])
+    assert any("dcmdjpeg" in w for w in item.header.warnings)
+    assert not any("dcmdjpeg" in w for w in read_header(good_item(171)).warnings)
