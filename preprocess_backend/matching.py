@@ -33,6 +33,16 @@ class NoduleLike(Protocol):
     diameter_mm: float
 
 
+class CandidateLike(Protocol):
+    """What matching reads of a candidate: a ``Lesion``, or a row of a LUNA16 submission CSV."""
+
+    @property
+    def centre_mm(self) -> tuple[float, float, float]: ...
+
+    @property
+    def max_score(self) -> float: ...
+
+
 class TruthLike(Protocol):
     @property
     def nodules(self) -> Sequence[NoduleLike]: ...
@@ -101,7 +111,7 @@ def _inside(centres: np.ndarray, nodules: Sequence[NoduleLike], radius: np.ndarr
 
 
 def match_lesions(
-    lesions: Sequence[Lesion],
+    lesions: Sequence[Lesion] | Sequence[CandidateLike],
     truth: TruthLike,
     radius_scale: float = 1.0,
     irrelevant: Sequence[NoduleLike] = (),

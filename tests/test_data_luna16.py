@@ -196,6 +196,14 @@ def test_luna16_protocol_cpm_equals_the_hand_computation(tmp_path: Path) -> None
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["seriesuid"] for r in rows} == {uid_of(12), uid_of(14), uid_of(16)}
 
+    # the submission file scored on its own (as ten folds' files together would be): the same figure
+    from damoyolo.eval.cli import main
+
+    assert main(["--submission", str(tmp_path / "eval" / "candidates.csv"), "--data", f"luna16:{root}", "--fold", "0",
+                 "--bootstrap", "0", "--out", str(tmp_path / "scored")]) == 0
+    scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())["froc_all"]
+    assert scored["cpm"] == pytest.approx(5.5 / 7) and scored["false_positives"] == 3
+
     # without the excluded finding its candidate is the top false positive:
     #   0.95 FP(A) -> (1/3, 0); 0.9 TP(A) -> (1/3, 0.5); ... -> 1/8, 1/4: 0; 1/2: 0.5; 1..8: 1.0
     (root / "annotations_excluded.csv").unlink()

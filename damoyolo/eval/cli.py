@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="PyTorch checkpoint (models/ctlesion_damoyolo.pt)")
     src.add_argument("--onnx", type=Path, help="ONNX detector (fp32 or INT8 QDQ), run with onnxruntime")
+    src.add_argument("--submission", type=Path,
+                     help="with --data: score a CSV in LUNA16's submission format (e.g. all folds' candidates.csv together)")
     p.add_argument("--cases", type=int, default=20, help="number of held-out cases")
     p.add_argument("--seed", type=_seed, default=TEST_SEED, help="first case seed, or TEST_SEED / VALIDATION_SEED (default TEST_SEED)")
     p.add_argument("--cases-dir", type=Path, default=Path("work/phantoms/test"), help="where the held-out cases are / are generated (shared by fp32 and INT8 runs)")
@@ -45,9 +47,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def score_submission_main(args: argparse.Namespace) -> int:
+    """``--submission CSV --data KIND:DIR [--fold K]``: the LUNA16 figure of candidates already made."""
+    import json
+
+    from damoyolo.data import open_source, parse_folds
+    from damoyolo.eval.dataset_eval import score_submission
+    from damoyolo.eval.evaluation import format_froc
+    from damoyolo.eval.plots import plot_froc
+
+    if not args.data:
+        print("ctlesion evaluate: --submission needs --data KIND:DIR (the truth to score against)", file=sys.stderr)
+        return 2
+    try:
+        source = open_source(args.data, args.cache_dir / "dicom", args.min_readers)
+        r = score_submission(source, args.submission, parse_folds(args.fold), bootstrap=args.bootstrap)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"ctlesion evaluate: {exc}", file=sys.stderr)
+        return 2
+    folds = f"fold {args.fold}" if args.fold else "all folds"
+    print("\n".join(format_froc(f"{args.submission.name} on {source.name} {folds} (the LUNA16 figure)", r)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "metrics.json").write_text(json.dumps({"protocol": f"{source.name} {folds}", "submission": str(args.submission),
+                                                       "froc_all": r.to_dict()}, indent=2) + "\n")
+    plot_froc({f"{source.name} {folds}": r}, args.out / "froc.png", title=args.submission.name)
+    print(f"\nwrote {args.out / 'metrics.json'}, {args.out / 'froc.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.submission:
+        return score_submission_main(args)
     model_path = args.checkpoint or args.onnx
     predictor = onnx_predictor(args.onnx) if args.onnx else torch_predictor(args.checkpoint, args.device)
     info = predictor[1]

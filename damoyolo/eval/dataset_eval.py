@@ -7,7 +7,7 @@ best candidates per scan are kept, candidates on irrelevant findings (annotation
 are ignored, and FROC / CPM with a bootstrap over scans follow (``damoyolo.eval.froc``): the figure
 of ``froc_all``. The candidates are also written in the challenge's submission format
 (``candidates.csv``: seriesuid, coordX, coordY, coordZ, probability) so the official script can
-score the same run.
+score the same run; ``score_submission`` scores such a file (e.g. all ten folds' files together).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from __future__ import annotations
 import csv
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from damoyolo.data.types import Case, CaseSource, DataError
 from damoyolo.eval.evaluation import EvaluationReport, ScoredCases, _tqdm
-from damoyolo.eval.froc import MAX_CANDIDATES_PER_SCAN
+from damoyolo.eval.froc import MAX_CANDIDATES_PER_SCAN, FrocResult, case_result, froc
 from damoyolo.eval.plots import plot_froc
 from damoyolo.eval.runner import (
     ModelInfo,
@@ -57,6 +58,40 @@ def write_submission(path: Path, rows: list[tuple[str, Lesion]]) -> Path:
         for uid, les in rows:
             w.writerow([uid, *(f"{v:.3f}" for v in les.centre_mm), f"{les.max_score:.6f}"])
     return path
+
+
+@dataclass(frozen=True)
+class SubmittedCandidate:
+    """One row of a LUNA16 submission CSV (what matching needs of a candidate)."""
+
+    centre_mm: tuple[float, float, float]
+    max_score: float
+
+
+def read_submission(path: Path) -> dict[str, list[SubmittedCandidate]]:
+    """seriesuid -> candidates of a CSV in the challenge's format (seriesuid, coordX, coordY, coordZ, probability)."""
+    out: dict[str, list[SubmittedCandidate]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            centre = (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
+            out.setdefault(row["seriesuid"].strip(), []).append(SubmittedCandidate(centre, float(row["probability"])))
+    return out
+
+
+def score_submission(source: CaseSource, path: Path, folds: set[int] | None, bootstrap: int = 1000) -> FrocResult:
+    """LUNA16 FROC / CPM of a submission CSV over the scans of ``folds`` (e.g. the ten folds'
+    candidates.csv files concatenated: the figure the papers report over all scans).
+
+    Every scan of the folds counts, with or without rows; rows of other scans are refused.
+    """
+    submitted = read_submission(path)
+    cases = list(source.cases(folds))
+    unknown = set(submitted) - {c.case_id for c in cases}
+    if unknown:
+        raise DataError(f"{path}: {len(unknown)} seriesuid(s) not in {source.name} fold(s) {sorted(folds) if folds else 'all'}, "
+                        f"e.g. {sorted(unknown)[0]}")
+    results = [case_result(submitted.get(c.case_id, []), c) for c in cases]
+    return froc(results, 0.0, bootstrap=bootstrap)
 
 
 def evaluate_source(

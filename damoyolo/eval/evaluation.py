@@ -254,23 +254,27 @@ def operating_point_stats(results: list[CaseResult], threshold: float, min_diame
     }
 
 
-def format_report(report: EvaluationReport) -> str:
-    def ci(v: tuple[float, float] | None) -> str:
-        return "" if v is None else f" [{v[0]:.3f}, {v[1]:.3f}]"
+def format_froc(name: str, r: FrocResult) -> list[str]:
+    """The text lines of one FROC: counts, CPM with its interval, the 7 operating points, breakdown."""
+    ci = "" if r.cpm_ci is None else f" [{r.cpm_ci[0]:.3f}, {r.cpm_ci[1]:.3f}]"
+    lines = [f"{name}: {r.nodules} nodules in {r.scans} scans, {r.candidates} candidates, {r.false_positives} FP candidates"]
+    lines.append(f"  CPM {r.cpm:.3f}{ci}")
+    lines.append("  FP/scan      " + "".join(f"{rate_label(x):>8}" for x in r.fp_rates))
+    lines.append("  sensitivity  " + "".join(f"{s:8.3f}" for s in r.sensitivities))
+    thr = f"score >= {r.threshold_at_target:.3f}" if math.isfinite(r.threshold_at_target) else "no candidate"
+    lines.append(f"  at {TARGET_FP_RATE:g} FP/scan ({thr}):")
+    for kind, groups in r.breakdown.items():
+        cells = ", ".join(f"{g} {s.detected}/{s.nodules}" for g, s in groups.items() if s.nodules)
+        lines.append(f"    {kind:<11} {cells}")
+    return lines
 
+
+def format_report(report: EvaluationReport) -> str:
     lines = [f"model {report.model.source} ({report.model.backend}), {report.cases} cases, {report.seconds:.0f} s"]
     everything = "all nodules" if report.protocol == "phantoms" else f"all nodules, {report.protocol} (the LUNA16 figure)"
     for name, r in (("nodules >= 4 mm (target)", report.froc_target), (everything, report.froc_all)):
         lines.append("")
-        lines.append(f"{name}: {r.nodules} nodules in {r.scans} scans, {r.candidates} candidates, {r.false_positives} FP candidates")
-        lines.append(f"  CPM {r.cpm:.3f}{ci(r.cpm_ci)}")
-        lines.append("  FP/scan      " + "".join(f"{rate_label(x):>8}" for x in r.fp_rates))
-        lines.append("  sensitivity  " + "".join(f"{s:8.3f}" for s in r.sensitivities))
-        thr = f"score >= {r.threshold_at_target:.3f}" if math.isfinite(r.threshold_at_target) else "no candidate"
-        lines.append(f"  at {TARGET_FP_RATE:g} FP/scan ({thr}):")
-        for kind, groups in r.breakdown.items():
-            cells = ", ".join(f"{g} {s.detected}/{s.nodules}" for g, s in groups.items() if s.nodules)
-            lines.append(f"    {kind:<11} {cells}")
+        lines += format_froc(name, r)
     m = report.slice_map
     lines.append("")
     lines.append(f"slice mAP@0.5 {m['map50']:.3f}, mAP@.5:.95 {m['map50_95']:.3f} ({int(m['truth_boxes'])} truth boxes on {int(m['images'])} slices)")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ctlesion_phantoms.config import ATTACHMENTS, NODULE_TYPES
-from preprocess_backend.matching import MatchResult, NoduleLike, match_lesions
+from preprocess_backend.matching import CandidateLike, MatchResult, NoduleLike, match_lesions
 from preprocess_backend.types import Lesion
 
 FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # LUNA16's operating points
@@ -41,7 +41,7 @@ class CaseResult:
 
 
 def case_result(
-    lesions: Sequence[Lesion],
+    lesions: Sequence[Lesion] | Sequence[CandidateLike],
     truth: Any,
     radius_scale: float = 1.0,
     max_candidates: int | None = MAX_CANDIDATES_PER_SCAN,
