@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_gpu_target_torch import lung_window_slices
 
 from ctlesion_export.torch_serving import TorchDetector, TorchServingConfig
 
@@ -20,17 +21,6 @@ pytestmark = [
 ]
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "ctlesion_damoyolo.pt"
-
-
-def _slices(n: int, size: int) -> np.ndarray:
-    rng = np.random.default_rng(1)
-    yy, xx = np.mgrid[:size, :size]
-    out = np.full((n, 3, size, size), 200.0)
-    for i in range(n):
-        cy, cx = rng.uniform(0.3, 0.7, 2) * size
-        out[i, :, ((yy - cy) / (0.3 * size)) ** 2 + ((xx - cx) / (0.2 * size)) ** 2 < 1] = 40
-        out[i, :, (yy - cy) ** 2 + (xx - cx) ** 2 < (0.03 * size) ** 2] = 180
-    return (out + rng.normal(0, 5, out.shape)).clip(0, 255).round().astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +42,7 @@ def test_graphs_are_captured_per_bucket(detectors: tuple[TorchDetector, ...]) ->
 
 def test_graph_replay_equals_eager_fp16_for_every_bucket_and_odd_sizes(detectors: tuple[TorchDetector, ...]) -> None:
     graphs, eager16, _ = detectors
-    images = _slices(19, graphs.size)
+    images = lung_window_slices(19, graphs.size, seed=1)
     for n in (1, 3, 5, 8, 19):  # 3 and 5 pad into buckets 4 and 8; 19 runs as 8 + 8 + 3
         before = dict(graphs.bucket_counts)
         scores, boxes = graphs(images[:n])
@@ -69,7 +59,7 @@ def test_graph_replay_equals_eager_fp16_for_every_bucket_and_odd_sizes(detectors
 
 def test_fp16_graphs_keep_the_fp32_cpu_detections(detectors: tuple[TorchDetector, ...]) -> None:
     graphs, _, cpu32 = detectors
-    images = _slices(4, graphs.size)
+    images = lung_window_slices(4, graphs.size, seed=1)
     scores16, boxes16 = graphs(images)
     scores32, boxes32 = cpu32(images)
     assert np.abs(scores16 - scores32).max() < 2e-2

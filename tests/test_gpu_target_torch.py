@@ -34,9 +34,9 @@ def _load(path: Path) -> mc.ModelConfig:
     return text_format.Parse(path.read_text(), mc.ModelConfig())
 
 
-def _slices(n: int, size: int = 512, channels: int = 3) -> np.ndarray:
+def lung_window_slices(n: int, size: int = 512, channels: int = 3, seed: int = 0) -> np.ndarray:
     """uint8 images with lung-window structure (dark lungs, a bright blob), not flat noise."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     out = np.full((n, channels, size, size), 200.0)
     for i in range(n):
@@ -79,7 +79,7 @@ def test_pre_post_instances_follow_the_cores() -> None:
 @pytest.mark.slow
 def test_cpu_fallback_equals_onnxruntime(cpu_detector: TorchDetector, detector_onnx: Path) -> None:
     """The torch detector (fp32, CPU) gives the ONNX detector's outputs on the same uint8 slices."""
-    images = _slices(3)
+    images = lung_window_slices(3)
     scores, boxes = cpu_detector(images)
     assert cpu_detector.fp16 is False and not cpu_detector.graphs
     ref_scores, ref_boxes = ort.InferenceSession(str(detector_onnx)).run(None, {"images": images.astype(np.float32)})
@@ -90,7 +90,7 @@ def test_cpu_fallback_equals_onnxruntime(cpu_detector: TorchDetector, detector_o
 
 @pytest.mark.slow
 def test_merged_requests_are_split_back(cpu_detector: TorchDetector) -> None:
-    images = _slices(3)
+    images = lung_window_slices(3)
     merged = run_merged(cpu_detector, [images[:1], images[1:]])
     assert [len(s) for s, _ in merged] == [1, 2]
     alone_scores, alone_boxes = cpu_detector(images[1:])
