@@ -156,6 +156,13 @@ def _linear_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m
 
 
+def _gather(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lower neighbour index and its weight for linear interpolation, ends aligned."""
+    pos = np.linspace(0, n_in - 1, n_out)
+    i0 = np.clip(np.floor(pos).astype(int), 0, n_in - 2)
+    return i0, (1 - (pos - i0)).astype(np.float32)
+
+
 class SliceRenderer:
     """Renders one axial slice (HU, lung mask) of a Thorax on an image grid."""
 
@@ -166,6 +173,8 @@ class SliceRenderer:
         mc = (self.n_cols - 1) // COARSE + 1
         self.cx, self.cy = np.meshgrid(np.linspace(x_mm[0], x_mm[-1], mc), np.linspace(y_mm[0], y_mm[-1], mr))
         self.up_r, self.up_c = _linear_matrix(self.n_rows, mr), _linear_matrix(self.n_cols, mc).T
+        self.g_r0, self.g_rw = _gather(self.n_rows, mr)
+        self.g_c0, self.g_cw = _gather(self.n_cols, mc)
         self.fx, self.fy = np.meshgrid(x_mm, y_mm)
         top = t.b * 1.02 + 4.0
         yt = self.fy - (top + 0.0015 * self.fx**2)
@@ -174,8 +183,12 @@ class SliceRenderer:
         self.gradient = np.clip((self.fy + t.b) / (2 * t.b), 0, 1) ** 2 * t.lung_gradient
 
     def _up(self, f: np.ndarray) -> np.ndarray:
-        """Bilinear upsampling as two small matrix products (a zoom per field cost more than the rest)."""
-        return self.up_r @ f.astype(np.float32) @ self.up_c
+        """Bilinear upsampling: two small matrix products for large images, gathers for small ones."""
+        f = f.astype(np.float32)
+        if self.n_rows > 256:
+            return self.up_r @ f @ self.up_c
+        a = f[self.g_r0] * self.g_rw[:, None] + f[self.g_r0 + 1] * (1 - self.g_rw)[:, None]
+        return a[:, self.g_c0] * self.g_cw[None] + a[:, self.g_c0 + 1] * (1 - self.g_cw)[None]
 
     def render(self, z: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(HU float32 [H, W], lung fraction float32 [H, W], coarse lung distance [h, w])."""

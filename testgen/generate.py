@@ -41,6 +41,7 @@ class TestgenConfig:
     noise_zones: int = 2
     realisations: int = 3
     attractors_per_tree: int = 2600
+    profile_step_mm: float = 1.25  # thick slices: mean of samples this far apart across the thickness
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TestgenConfig:
@@ -121,7 +122,7 @@ def build_case(seed: int, cfg: TestgenConfig) -> TestCase:
     xs = sc.origin[0] - sc.body_offset[0] + np.arange(n) * px  # body-frame x of each column
     ys = sc.origin[1] - sc.body_offset[1] + np.arange(n) * px
     renderer = body.SliceRenderer(t, xs, ys, px)
-    sub = max(1, math.ceil(sc.thickness / 1.25 - 1e-9))
+    sub = max(1, math.ceil(sc.thickness / cfg.profile_step_mm - 1e-9))
     offs = (np.arange(sub) - (sub - 1) / 2) * (sc.thickness / sub)
     vol = np.empty((sc.slices, n, n), np.float32)
     lung = np.empty((sc.slices, n, n), bool)
@@ -163,7 +164,7 @@ def build_case(seed: int, cfg: TestgenConfig) -> TestCase:
             tr = trees.grow(r_tree, root[None], att, r_leaf=r_leaf, r_max=6.5, step=3.5, kill=4.5)
             segs_v.append(tr.segments())
             vessel_nodes.append(np.column_stack([tr.nodes, tr.radius]))
-        att = mine[r_tree.choice(len(mine), size=min(250, len(mine)), replace=False)]
+        att = mine[r_tree.choice(len(mine), size=min(250, cfg.attractors_per_tree // 4, len(mine)), replace=False)]
         tr = trees.grow(r_tree, hil[None] + np.array([0.0, 12.0, 0.0]), att, r_leaf=0.7, r_max=7.0, step=5.0, kill=9.0)
         seg = tr.segments()
         segs_air.append(seg[np.maximum(seg[:, 6], seg[:, 7]) > 1.1])

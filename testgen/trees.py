@@ -31,13 +31,16 @@ def colonise(
     rng: np.random.Generator, roots: np.ndarray, attractors: np.ndarray, step: float = 4.0, influence: float = 60.0,
     kill: float = 6.0, max_nodes: int = 4000,
 ) -> tuple[np.ndarray, np.ndarray]:
-    nodes = [np.asarray(r, float) for r in roots]
-    parent = [-1] * len(nodes)
+    roots = np.atleast_2d(np.asarray(roots, float))
+    nodes = np.zeros((max_nodes + len(attractors) + len(roots), 3))
+    parent = np.full(len(nodes), -1, dtype=int)
+    count = len(roots)
+    nodes[:count] = roots
     alive = np.asarray(attractors, float)
     for _ in range(400):
-        if not len(alive) or len(nodes) >= max_nodes:
+        if not len(alive) or count >= max_nodes:
             break
-        arr = np.asarray(nodes)
+        arr = nodes[:count]
         d, idx = cKDTree(arr).query(alive, distance_upper_bound=influence)
         ok = np.isfinite(d)
         if not ok.any():
@@ -45,13 +48,16 @@ def colonise(
         pull = (alive[ok] - arr[idx[ok]]) / np.maximum(d[ok], 1e-6)[:, None]
         acc = np.zeros_like(arr)
         np.add.at(acc, idx[ok], pull)
-        growing = np.flatnonzero(np.linalg.norm(acc, axis=1) > 1e-6)
+        growing = np.flatnonzero(np.linalg.norm(acc, axis=1) > 1e-6)[: max_nodes - count]
+        if not len(growing):
+            break
         new = arr[growing] + step * (acc[growing] / np.linalg.norm(acc[growing], axis=1)[:, None] + rng.normal(scale=0.08, size=(len(growing), 3)))
-        nodes += list(new)
-        parent += list(growing)
+        nodes[count : count + len(new)] = new
+        parent[count : count + len(new)] = growing
+        count += len(new)
         near = cKDTree(new).query(alive, distance_upper_bound=kill)[0]
         alive = alive[~np.isfinite(near)]
-    return np.asarray(nodes), np.asarray(parent, dtype=int)
+    return nodes[:count].copy(), parent[:count].copy()
 
 
 def murray_radii(parent: np.ndarray, r_leaf: float, r_max: float) -> np.ndarray:
