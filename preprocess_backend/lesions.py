@@ -67,14 +67,16 @@ def _centres(dets: Sequence[Detection], geometry: SeriesGeometry | None) -> np.n
     return np.array([d.centre_mm for d in dets], dtype=np.float64).reshape(-1, 3)
 
 
-def midline_x_from_mask(mask: np.ndarray, geometry: SeriesGeometry) -> float:
+def midline_x_from_mask(mask: np.ndarray, geometry: SeriesGeometry, slices: Sequence[int] | None = None) -> float:
     """Patient LPS x (mm) of the midline: the median over slices of the mask's centroid column.
 
     ``mask`` is bool [Z, rows, columns] (or [rows, columns] for one slice) on the series' own pixel
-    grid, e.g. ``masks.body_mask`` of each slice; slices where the mask is empty are left out.
+    grid, e.g. ``masks.body_mask`` of each slice; ``slices`` are their indices in ``geometry``
+    (default 0, 1, ...). Slices where the mask is empty are left out.
     """
     m = np.asarray(mask, dtype=bool)
     m = m[None] if m.ndim == 2 else m
+    index = list(range(m.shape[0])) if slices is None else [int(k) for k in slices]
     cols = np.arange(m.shape[-1], dtype=np.float64)
     rows = np.arange(m.shape[-2], dtype=np.float64)
     xs = []
@@ -84,7 +86,7 @@ def midline_x_from_mask(mask: np.ndarray, geometry: SeriesGeometry) -> float:
             continue
         col = float((m[k].sum(axis=0) * cols).sum() / n)
         row = float((m[k].sum(axis=1) * rows).sum() / n)
-        xs.append(float(geometry.pixel_to_patient(min(k, len(geometry.positions) - 1), col, row)[0]))
+        xs.append(float(geometry.pixel_to_patient(index[k], col, row)[0]))
     if not xs:
         raise DicomInputError("midline", "empty mask: no midline")
     return float(np.median(xs))

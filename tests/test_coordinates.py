@@ -132,3 +132,20 @@ def test_the_served_pipeline_maps_a_model_box_back_to_its_patient_point() -> Non
     (det,) = postprocess_slab(scores, boxes, meta, options)
     np.testing.assert_allclose(det.centre_mm, point, atol=0.02)
     np.testing.assert_allclose(det.box_px, [col - 6, row - 6, col + 6, row + 6], atol=0.02)
+
+
+def test_the_client_finds_the_patient_midline_from_the_middle_slice(tmp_path) -> None:  # noqa: ANN001
+    """A body lying off-centre (centred on column 300 of 400): the client's midline is the body's
+    centre, not the field of view's (column 199.5), so side guesses split where the patient does."""
+    from ctlesion_client.core import patient_midline_x, prepare_series
+    from ctlesion_client.options import ClientOptions
+
+    yy, xx = np.mgrid[0:400, 0:400]
+    body = ((xx - 300) / 80.0) ** 2 + ((yy - 200) / 120.0) ** 2 <= 1
+    volume = np.where(body, 40.0, -1000.0).astype(np.float32)[None].repeat(5, axis=0)
+    for i, item in enumerate(series_bytes(volume, spacing=(0.8, 0.8), origin_xy=(-160.0, -150.0))):
+        (tmp_path / f"{i}.dcm").write_bytes(item)
+    prepared = prepare_series(tmp_path, ClientOptions(slab_size=4, k=3))
+    midline = patient_midline_x(prepared)
+    assert midline == pytest.approx(-160.0 + 300 * 0.8, abs=0.5)
+    assert abs(midline - float(prepared.geometry.pixel_to_patient(0, 199.5, 199.5)[0])) > 50
