@@ -92,13 +92,67 @@ def render_cases(case_dirs: list[Path], out_png: Path, panels: int = 6, max_byte
     return out_png
 
 
+def render_comparison(out_png: Path, per_row: int = 3, seed: int = 3, max_bytes: int = 600_000) -> Path:
+    """docs/testgen.png: axial slices through nodules, one row per generator (default, wide, testgen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from ctlesion_testgen.generate import TESTGEN_SEED, TestgenConfig
+    from ctlesion_testgen.generate import generate_case as testgen_case
+
+    rows: list[tuple[str, list[Path]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        for name, cfg in (("default", PhantomConfig(nodules_min=2, p_no_nodules=0.0)),
+                          ("wide", PhantomConfig(profile="wide", nodules_min=2, p_no_nodules=0.0))):
+            rows.append((f"phantoms, profile {name}", [base / name / generate_case(seed + i, base / name, cfg).case_id for i in range(per_row)]))
+        tg_cfg = TestgenConfig(nodules=(2, 5), p_no_nodules=0.0)
+        rows.append(("testgen (independent, test only)", [base / "tg" / testgen_case(TESTGEN_SEED + i, base / "tg", tg_cfg)["case_id"] for i in range(per_row)]))
+        fig, axes = plt.subplots(len(rows), per_row, figsize=(per_row * 3.3, len(rows) * 3.5), facecolor="black")
+        lo, hi = LUNG[0] - LUNG[1] / 2, LUNG[0] + LUNG[1] / 2
+        for r, (label, dirs) in enumerate(rows):
+            for c, case_dir in enumerate(dirs):
+                ax = axes[r, c]
+                ax.axis("off")
+                truth = CaseTruth.load(case_dir / "truth.json")
+                vol, _ = read_series_hu(case_dir / "series")
+                big = max(truth.nodules, key=lambda n: n.diameter_mm, default=None)
+                k = int(round(big.centre_voxel[0])) if big else vol.shape[0] // 2
+                ax.imshow(vol[k], cmap="gray", vmin=lo, vmax=hi, interpolation="bilinear")
+                g = truth.geometry
+                extra = truth.scanner.get("kernel", "") if truth.scanner else ""
+                ax.set_title(f"{label}\n{g.rows}x{g.columns}, {g.pixel_spacing[0]:.2f} mm, {g.slice_thickness:g}/{g.slice_spacing:g} mm {extra}",
+                             color="white", fontsize=6)
+        fig.suptitle("lung window -600 / 1500, slice through each case's largest nodule", color="white", fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 0.97))
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=120, facecolor="black")
+        plt.close(fig)
+    img = Image.open(buf).convert("RGB")
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    for scale in (1.0, 0.85, 0.7, 0.55):
+        img.resize((int(img.width * scale), int(img.height * scale)), Image.Resampling.LANCZOS).save(out_png, optimize=True)
+        if out_png.stat().st_size <= max_bytes:
+            break
+    return out_png
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="render sample phantom slices with truth circles")
     p.add_argument("--out", type=Path, default=Path("docs/phantoms.png"))
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--cases", type=int, default=3)
     p.add_argument("--panels", type=int, default=6)
+    p.add_argument("--compare", action="store_true", help="docs/testgen.png: default, wide and testgen side by side")
     args = p.parse_args(argv)
+    if args.compare:
+        out = render_comparison(args.out, per_row=args.cases, seed=args.seed)
+        print(f"{out} ({out.stat().st_size // 1024} KB)")
+        return 0
     # the picture should show every kind, so the kinds are drawn evenly here
     config = PhantomConfig(nodules_min=3, nodules_max=5, p_no_nodules=0.0,
                            type_weights={"solid": 1.0, "part_solid": 1.0, "ground_glass": 1.0})

@@ -25,7 +25,7 @@ from preprocess_backend.dicom_io import decode_frames
 from preprocess_backend.pipeline import preprocess_slab
 from preprocess_backend.types import Options
 
-SMALL = tg.TestgenConfig(matrix=128, pixel_mm=(2.3, 2.6), spacings_mm=(6.0,), slices_max=60, attractors_per_tree=300,
+SMALL = tg.TestgenConfig(matrix=128, pixel_mm=(2.3, 2.6), spacings_mm=(6.0,), slices_max=60, attractors_per_tree=200,
                          noise_zones=1, realisations=2, profile_step_mm=5.0, nodules=(3, 4), p_no_nodules=0.0)
 SEEDS = (tg.TESTGEN_SEED + 1, tg.TESTGEN_SEED + 2)
 PACKAGE = Path(tg.__file__).parent
@@ -131,6 +131,7 @@ def test_fbp_noise_is_stronger_where_more_tissue_attenuates() -> None:
     assert abs(corr) > 0.1
 
 
+@pytest.mark.slow  # imports the evaluation (torch)
 def test_cli_writes_what_evaluate_reads(tmp_path: Path) -> None:
     from damoyolo.eval.evaluation import ensure_cases
 
