@@ -24,6 +24,7 @@ COPY phantoms phantoms
 COPY export export
 COPY client client
 COPY bench bench
+COPY node node
 # "." is this project: its versions are pinned in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install ".[${EXTRAS}]"
