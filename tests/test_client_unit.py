@@ -87,7 +87,7 @@ class FakeTransport:
         return True
 
     def is_model_ready(self, model_name: str, model_version: str = "", headers: Any = None, client_timeout: float | None = None) -> bool:
-        return True
+        return model_name != "lesion_fpr"  # this fake serves the detection ensemble only (no FPR pass)
 
     def get_model_metadata(self, model_name: str, model_version: str = "", headers: Any = None, as_json: bool = False,
                            client_timeout: float | None = None) -> Any:
@@ -126,7 +126,7 @@ class AsyncFakeTransport:
         return True
 
     async def is_model_ready(self, model_name: str, **kw: Any) -> bool:
-        return True
+        return model_name != "lesion_fpr"
 
     async def get_model_metadata(self, model_name: str, **kw: Any) -> Any:
         return self.sync.metadata
