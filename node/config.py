@@ -125,8 +125,9 @@ class NodeConfig:
             return value.encode()
         if self.audit.key_file is not None:
             mode = self.audit.key_file.stat().st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise PermissionError(f"{self.audit.key_file}: audit key file must be mode 0600")
+            # 0600 / 0400, or 0440 (a Kubernetes Secret volume with fsGroup adds group read)
+            if mode & (stat.S_IRWXO | stat.S_IWGRP | stat.S_IXGRP):
+                raise PermissionError(f"{self.audit.key_file}: audit key file must not be readable by others (chmod 600)")
             return self.audit.key_file.read_bytes().strip()
         raise ValueError(f"no audit key: set {self.audit.key_env} or audit.key_file (pseudonyms need a secret)")
 
