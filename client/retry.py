@@ -9,10 +9,11 @@ usually be too slow again.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -101,59 +102,59 @@ def _is_transport_error(exc: BaseException) -> bool:
     return isinstance(exc, InferenceServerException) or (hasattr(exc, "code") and callable(exc.code))
 
 
+class _Attempt:
+    """One try of a retried call: ``with attempt:`` swallows a retryable failure and sets ``delay``
+    (the pause before the next try); anything else, or the last failure, leaves as its client error."""
+
+    def __init__(self, number: int, policy: RetryPolicy, rng: random.Random, slab: int | None,
+                 on_retry: Callable[[int, str, float], None] | None) -> None:  # fmt: skip
+        self.number, self.policy, self.rng, self.slab, self.on_retry = number, policy, rng, slab, on_retry
+        self.delay = 0.0
+
+    def __enter__(self) -> _Attempt:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or not isinstance(exc, Exception) or not _is_transport_error(exc):
+            return False  # success, or not a transport error: as it is
+        status = status_of(exc)
+        if not self.policy.is_retryable(status) or self.number >= self.policy.max_attempts:
+            raise to_client_error(exc, self.number, self.slab) from exc
+        self.delay = self.policy.backoff_s(self.number, self.rng)
+        log.info("slab %s: %s, retry %d in %.2f s", self.slab, status, self.number, self.delay)
+        if self.on_retry is not None:
+            self.on_retry(self.number, status, self.delay)
+        return True
+
+
+def _attempts(policy: RetryPolicy, rng: random.Random | None, slab: int | None,
+              on_retry: Callable[[int, str, float], None] | None) -> Iterator[_Attempt]:  # fmt: skip
+    """The tries of one call, numbered from 1 (both clients retry through this one policy loop)."""
+    rng = rng or random.Random()
+    for number in itertools.count(1):
+        yield _Attempt(number, policy, rng, slab, on_retry)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 async def call_with_retry_async(
-    fn: Callable[[], Awaitable[T]],
-    policy: RetryPolicy,
-    *,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    rng: random.Random | None = None,
-    slab: int | None = None,
-    on_retry: Callable[[int, str, float], None] | None = None,
+    fn: Callable[[], Awaitable[T]], policy: RetryPolicy, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rng: random.Random | None = None, slab: int | None = None, on_retry: Callable[[int, str, float], None] | None = None,
 ) -> T:
     """Await ``fn()`` until it succeeds, a non-retryable status occurs, or attempts run out."""
-    rng = rng or random.Random()
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
+    for attempt in _attempts(policy, rng, slab, on_retry):
+        with attempt:
             return await fn()
-        except Exception as exc:
-            if not _is_transport_error(exc):
-                raise
-            status = status_of(exc)
-            if not policy.is_retryable(status) or attempt >= policy.max_attempts:
-                raise to_client_error(exc, attempt, slab) from exc
-            delay = policy.backoff_s(attempt, rng)
-            log.info("slab %s: %s, retry %d in %.2f s", slab, status, attempt, delay)
-            if on_retry is not None:
-                on_retry(attempt, status, delay)
-            await sleep(delay)
+        await sleep(attempt.delay)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def call_with_retry(
-    fn: Callable[[], T],
-    policy: RetryPolicy,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: random.Random | None = None,
-    slab: int | None = None,
-    on_retry: Callable[[int, str, float], None] | None = None,
+    fn: Callable[[], T], policy: RetryPolicy, *, sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None, slab: int | None = None, on_retry: Callable[[int, str, float], None] | None = None,
 ) -> T:
-    """Blocking twin of ``call_with_retry_async`` (same policy, same error mapping)."""
-    rng = rng or random.Random()
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
+    """Blocking twin of ``call_with_retry_async`` (the same ``_attempts``)."""
+    for attempt in _attempts(policy, rng, slab, on_retry):
+        with attempt:
             return fn()
-        except Exception as exc:
-            if not _is_transport_error(exc):
-                raise
-            status = status_of(exc)
-            if not policy.is_retryable(status) or attempt >= policy.max_attempts:
-                raise to_client_error(exc, attempt, slab) from exc
-            delay = policy.backoff_s(attempt, rng)
-            log.info("slab %s: %s, retry %d in %.2f s", slab, status, attempt, delay)
-            if on_retry is not None:
-                on_retry(attempt, status, delay)
-            sleep(delay)
+        sleep(attempt.delay)
+    raise AssertionError("unreachable")  # pragma: no cover
