@@ -130,8 +130,10 @@ def choose_candidate_threshold(net: FprNet, cases: list[EvalCase], best: Validat
 
 def train(
     train_set: CubeSet, val_cases: list[EvalCase], out_dir: Path, epochs: int, steps_per_epoch: int, batch_size: int,
-    lr: float, seed: int, max_fp: float, width: int, threads: int,
+    lr: float, seed: int, max_fp: float, width: int, threads: int, select: str = "best",
 ) -> tuple[FprNet, ValidationResult, list[ValidationResult]]:
+    """``select``: ``best`` keeps the epoch of the best validation CPM, ``last`` the final one (the
+    operating point is then chosen on the whole validation set by ``calibrate``)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -174,7 +176,7 @@ def train(
         top = max(vals, key=lambda v: v.cpm)
         log.info("epoch %d: loss %.4f (%.0f s); val CPM detector %.3f, %s", epoch, float(np.mean(losses)), time.perf_counter() - t0,
                  top.cpm_detector, ", ".join(f"{v.rule} {v.cpm:.3f} (thr {v.threshold:.3f}: sens {v.sensitivity:.3f} at {v.fp_per_scan:.2f} FP)" for v in vals))
-        if best is None or top.cpm > best.cpm:
+        if best is None or top.cpm > best.cpm or select == "last":
             best, best_state = top, {k: v.clone() for k, v in net.state_dict().items()}
         torch.save({"model": net.state_dict(), "epoch": epoch}, out_dir / "last.pt")
         (out_dir / "history.json").write_text(json.dumps([v.to_dict() for v in history], indent=1))
@@ -186,8 +188,8 @@ def train(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ctlesion_fpr.train", description=__doc__.splitlines()[0])
     p.add_argument("--train", type=Path, required=True, help="mined training cubes (python -m ctlesion_fpr.mining --augment)")
-    p.add_argument("--val", type=Path, required=True, help="mined validation cases")
-    p.add_argument("--val-cases", type=Path, required=True, help="the validation phantom cases (truth.json)")
+    p.add_argument("--val", action="append", required=True, metavar="MINED_DIR:CASES_DIR",
+                   help="mined validation cases and the phantom cases (truth.json) they come from; repeatable")  # fmt: skip
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--steps-per-epoch", type=int, default=150)
@@ -199,11 +201,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-fp-per-scan", type=float, default=1.0, help="operating point chosen on validation (default 1: margin under the 2 FP/scan goal)")
     p.add_argument("--candidate-threshold", type=float, default=0.05, help="the detector score threshold the candidates were mined at")
     p.add_argument("--release", type=Path, help="write the checkpoint (.pt) here and the served ONNX beside it")
+    p.add_argument("--select", choices=("best", "last"), default="best", help="epoch kept: best validation CPM or the last")
+    p.add_argument("--init", type=Path, help="with --epochs 0: calibrate this FPR checkpoint on --val (rule, thresholds) and release it")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     train_set = load_training(a.train)
-    val_cases = load_eval(a.val, a.val_cases)
-    net, best, _ = train(train_set, val_cases, a.out, a.epochs, a.steps_per_epoch, a.batch_size, a.lr, a.seed, a.max_fp_per_scan, a.width, a.threads)
+    val_cases = [c for spec in a.val for c in load_eval(*(Path(x) for x in spec.split(":", 1)))]
+    log.info("validation: %d series", len(val_cases))
+    if a.epochs > 0:
+        net, best, _ = train(train_set, val_cases, a.out, a.epochs, a.steps_per_epoch, a.batch_size, a.lr, a.seed,
+                             a.max_fp_per_scan, a.width, a.threads, a.select)  # fmt: skip
+    else:
+        if a.init is None:
+            p.error("--epochs 0 needs --init")
+        from ctlesion_fpr.model import load_checkpoint
+
+        net, init_meta = load_checkpoint(a.init)
+        a.width = int(init_meta.get("width", a.width))
+        best = max(validate(net, val_cases, 0, a.max_fp_per_scan), key=lambda v: v.cpm)
     log.info("best: %s", best.to_dict())
     candidate, table = choose_candidate_threshold(net, val_cases, best, a.max_fp_per_scan, a.candidate_threshold)
     for row in table:

@@ -19,12 +19,6 @@ from preprocess_backend.rescoring import apply_fpr
 from preprocess_backend.types import Lesion
 
 
-def case_files(case_dir: Path) -> list[Path]:
-    d = Path(case_dir)
-    d = d / "series" if (d / "series").is_dir() else d
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in (".dcm", ""))
-
-
 @dataclass
 class FprStage:
     """The served FPR model (its ONNX) with the rule and thresholds it declares."""
@@ -40,7 +34,9 @@ class FprStage:
     def probabilities(self, case_dir: Path, lesions: Sequence[Lesion]) -> np.ndarray:
         if not lesions:
             return np.zeros(0, np.float32)
-        codes, geometry = decode_codes([p.read_bytes() for p in case_files(case_dir)], self.info.spec)
+        from damoyolo.eval.runner import series_files
+
+        codes, geometry = decode_codes([p.read_bytes() for p in series_files(case_dir)], self.info.spec)
         cubes = extract_cubes(codes, geometry, np.asarray([les.centre_mm for les in lesions]), self.info.spec)
         return self.predict(cubes)
 

@@ -4,8 +4,8 @@ None of these has nodule truth a sensitivity could be measured on; what they mea
 radiologist would have to dismiss: findings per 100 mm of z on real lungs (LIDC-IDRI-0002, GE), on a
 real mediastinum with contrast (TotalSegmentator crops, NIfTI written as DICOM), and on a scan
 without lungs (the abdominal negative control: no finding expected). On the LIDC slab, findings
-on a reader mark (the 2-of-4-reader nodule, sub-3 mm nodule marks) are ignored as LUNA16 ignores
-irrelevant findings. A series the model contract refuses (the 4 mm-pixel CIP chest) is reported
+on a reader mark (the 2-of-4-reader nodule, sub-3 mm nodule marks: ``damoyolo.data.lidc`` with 3
+readers required, as LUNA16) are ignored as LUNA16 ignores irrelevant findings. A series the model contract refuses (the 4 mm-pixel CIP chest) is reported
 with its reason: refusing it is the right answer.
 
     python -m damoyolo.eval.realdata --checkpoint models/ctlesion_damoyolo.pt --out work/eval/realdata
@@ -31,7 +31,6 @@ from preprocess_backend.types import Lesion
 log = logging.getLogger(__name__)
 
 REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
-IRRELEVANT_DEFAULT_DIAMETER_MM = 10.0  # LUNA16's script: an excluded finding without a size counts as 10 mm
 
 
 @dataclass
@@ -39,7 +38,7 @@ class RealSeries:
     name: str
     region: str  # "chest" | "mediastinum" | "abdomen" | "chest-lowres"
     series_dir: Path
-    irrelevant: list[tuple[tuple[float, float, float], float]] = field(default_factory=list)  # (centre mm, diameter mm)
+    truth: Any = None  # a damoyolo.data Case (LIDC: >= 3-reader nodules, the other reader marks irrelevant)
 
 
 @dataclass
@@ -54,18 +53,6 @@ class RealResult:
     fp_per_100mm: float
     refused: str | None = None
     lesions: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _lidc_marks(root: Path) -> list[tuple[tuple[float, float, float], float]]:
-    path = root / "annotations" / "nodules_derived.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
-    marks = [((c["world_x"], c["world_y"], c["world_z"]), float(c.get("mean_max_inplane_diameter_mm") or IRRELEVANT_DEFAULT_DIAMETER_MM))
-             for c in d.get("consensus_clusters", [])]  # fmt: skip
-    for m in d.get("per_reader_marks", []):
-        marks.append(((m["world_x"], m["world_y"], m["world_z"]), float(m.get("max_inplane_diameter_mm") or IRRELEVANT_DEFAULT_DIAMETER_MM)))
-    return marks
 
 
 def _nifti_as_dicom(nifti: Path, cache: Path) -> Path:
@@ -88,7 +75,10 @@ def real_series(root: Path = REALDATA, cache: Path | None = None) -> list[RealSe
     out = []
     lidc = root / "lidc0002-slab"
     if (lidc / "dicom").is_dir():
-        out.append(RealSeries("lidc0002-slab", "chest", lidc / "dicom", _lidc_marks(lidc)))
+        from damoyolo.data.lidc import LidcSource
+
+        case = next(iter(LidcSource(lidc).cases()), None)
+        out.append(RealSeries("lidc0002-slab", "chest", lidc / "dicom", case))
     for name in ("pulmonary_report_ct_cropped", "aorta_report_ct_cropped"):
         nifti = root / "totalseg-chest-crops" / f"{name}.nii.gz"
         if nifti.exists():
@@ -102,9 +92,16 @@ def real_series(root: Path = REALDATA, cache: Path | None = None) -> list[RealSe
     return out
 
 
-def _ignored(les: Lesion, marks: list[tuple[tuple[float, float, float], float]]) -> bool:
-    c = np.asarray(les.centre_mm)
-    return any(float(np.linalg.norm(c - np.asarray(m))) < d / 2 for m, d in marks)
+def _count(findings: list[Lesion], truth: Any) -> tuple[int, int]:
+    """(false positives, ignored): LUNA16 matching against the truth nodules and irrelevant findings."""
+    if truth is None:
+        return len(findings), 0
+    from preprocess_backend.matching import match_lesions
+
+    m = match_lesions(findings, truth, 1.0, tuple(truth.irrelevant))
+    ignored = sum(1 for i in range(len(findings)) if m.lesion_nodule[i] is None and m.ignored(i))
+    fp = sum(1 for i in range(len(findings)) if m.lesion_nodule[i] is None and not m.ignored(i))
+    return fp, ignored
 
 
 def evaluate_real(series: list[RealSeries], predict_fn: Any, options: Any, stage: Any, rule: LesionFilter) -> list[RealResult]:
@@ -127,10 +124,9 @@ def evaluate_real(series: list[RealSeries], predict_fn: Any, options: Any, stage
         spacing = float(np.median(np.diff(zs))) if len(zs) > 1 else 1.0
         z_mm = (zs[-1] - zs[0] + spacing) if zs else math.nan
         findings = second_stage(s.series_dir, candidates, stage, rule)
-        ign = [les for les in findings if _ignored(les, s.irrelevant)]
-        fp = len(findings) - len(ign)
+        fp, ign = _count(findings, s.truth)
         results.append(RealResult(
-            s.name, s.region, len(files), round(z_mm, 2), len(findings), len(ign), fp, round(100.0 * fp / z_mm, 2) if z_mm else math.nan,
+            s.name, s.region, len(files), round(z_mm, 2), len(findings), ign, fp, round(100.0 * fp / z_mm, 2) if z_mm else math.nan,
             lesions=[{k: v for k, v in les.to_dict().items() if k in ("centre_mm", "diameter_mm", "max_score", "detector_score", "fpr_probability", "kind", "slices")} for les in findings],
         ))  # fmt: skip
     return results
