@@ -294,9 +294,12 @@ def test_orthanc_pushes_a_study_and_gets_sr_and_key_images_back(
     assert n.spool.usage.instances == 0  # everything delivered, the spool is empty again
 
 
-def test_overload_refuses_with_a700_and_loses_nothing(node, orthanc: OrthancServer,
-                                                        phantom: list[pydicom.Dataset]) -> None:  # noqa: ANN001
-    n = node(destination=f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}", max_instances=30)
+def test_overload_refuses_with_a700_and_loses_nothing(node, orthanc: OrthancServer, phantom: list[pydicom.Dataset],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    # Results by STOW-RS this time (the DICOMweb back end of the client library, with credentials).
+    monkeypatch.setenv("CTLESION_PACS_USER", orthanc.username)
+    monkeypatch.setenv("CTLESION_PACS_PASSWORD", orthanc.password)
+    n = node(destination=orthanc.dicomweb_url, max_instances=30)
     study_uid = generate_uid()
     first, second = fresh_series(phantom, study_uid), fresh_series(phantom, study_uid)
     assert send(n.dicom_port, first) == [0x0000] * 30
@@ -309,6 +312,7 @@ def test_overload_refuses_with_a700_and_loses_nothing(node, orthanc: OrthancServ
     wait_delivered(audit, uid_of(second[0]))
     _, srs, _ = reports_in(orthanc, study_uid)
     assert len(srs) == 2  # one report per series, both delivered
+    assert {r["destination"] for r in events(audit, "series_delivered")} == {orthanc.dicomweb_url}
     assert len(events(audit, "store_refused")) == 30
 
 
