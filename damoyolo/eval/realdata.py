@@ -29,6 +29,7 @@ from preprocess_backend.lesion_filters import LesionFilter
 from preprocess_backend.types import Lesion
 
 log = logging.getLogger(__name__)
+CROP_PIXEL_MM = 0.75  # in-plane pixel the 1.5 mm NIfTI crops are resampled to (inside the model contract)
 
 REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
 
@@ -65,7 +66,19 @@ def _nifti_as_dicom(nifti: Path, cache: Path) -> Path:
         return out
     img = sitk.ReadImage(str(nifti))
     hu = sitk.GetArrayFromImage(img).astype(np.float32)
-    write_volume_series(hu, img.GetOrigin(), img.GetSpacing(), np.asarray(img.GetDirection()), out, nifti.name)
+    spacing = list(img.GetSpacing())
+    # The crops are 1.5 mm voxels, outside the model contract's 0.4-1.2 mm pixels: resample in-plane
+    # to 0.75 mm (linear) so the real anatomy can be looked at; the images are smoother than a scan's.
+    if max(spacing[:2]) > CROP_PIXEL_MM:
+        from scipy import ndimage
+
+        factors = (1.0, spacing[1] / CROP_PIXEL_MM, spacing[0] / CROP_PIXEL_MM)
+        hu = ndimage.zoom(hu, factors, order=1)
+        origin = np.asarray(img.GetOrigin()) - 0.5 * np.asarray([spacing[0] - CROP_PIXEL_MM, spacing[1] - CROP_PIXEL_MM, 0.0])
+        spacing = [CROP_PIXEL_MM, CROP_PIXEL_MM, spacing[2]]
+    else:
+        origin = np.asarray(img.GetOrigin())
+    write_volume_series(hu, tuple(origin), tuple(spacing), np.asarray(img.GetDirection()), out, nifti.name)
     return out
 
 
