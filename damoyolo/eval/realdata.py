@@ -72,12 +72,11 @@ def _nifti_as_dicom(nifti: Path, cache: Path) -> Path:
     if max(spacing[:2]) > CROP_PIXEL_MM:
         from scipy import ndimage
 
-        factors = (1.0, spacing[1] / CROP_PIXEL_MM, spacing[0] / CROP_PIXEL_MM)
-        hu = ndimage.zoom(hu, factors, order=1)
-        origin = np.asarray(img.GetOrigin()) - 0.5 * np.asarray([spacing[0] - CROP_PIXEL_MM, spacing[1] - CROP_PIXEL_MM, 0.0])
-        spacing = [CROP_PIXEL_MM, CROP_PIXEL_MM, spacing[2]]
-    else:
-        origin = np.asarray(img.GetOrigin())
+        n_y, n_x = hu.shape[1:]
+        hu = ndimage.zoom(hu, (1.0, spacing[1] / CROP_PIXEL_MM, spacing[0] / CROP_PIXEL_MM), order=1)
+        # zoom keeps the first and last pixel centres: same origin, spacing from the new counts
+        spacing = [(n_x - 1) * spacing[0] / (hu.shape[2] - 1), (n_y - 1) * spacing[1] / (hu.shape[1] - 1), spacing[2]]
+    origin = np.asarray(img.GetOrigin())
     write_volume_series(hu, tuple(origin), tuple(spacing), np.asarray(img.GetDirection()), out, nifti.name)
     return out
 
