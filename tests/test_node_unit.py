@@ -329,3 +329,28 @@ def test_results_for_a_series_without_findings(tmp_path: Path) -> None:
     assert fewer.SOPInstanceUID != sr.SOPInstanceUID and fewer.SeriesInstanceUID == sr.SeriesInstanceUID
     ref = fewer.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == sr.SOPInstanceUID
+
+
+def test_half_written_temp_files_are_removed_on_start(tmp_path: Path) -> None:
+    """A kill -9 during a write leaves a temp file (never renamed, never acknowledged): start-up removes it."""
+    from ctlesion_node.spool import Spool
+
+    (tmp_path / "spool" / "tmp").mkdir(parents=True)
+    stale = tmp_path / "spool" / "tmp" / ".abc.dcm.1234.tmp"
+    stale.write_bytes(b"half an instance")
+    Spool(SpoolConfig(dir=tmp_path / "spool"))
+    assert not stale.exists()
+
+
+def test_audit_key_file_must_not_be_world_readable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctlesion_node.config import AuditConfig
+
+    monkeypatch.delenv("CTLESION_AUDIT_KEY", raising=False)
+    key = tmp_path / "key"
+    key.write_text("secret\n")
+    cfg = replace(_config(tmp_path), audit=AuditConfig(key_file=key))
+    key.chmod(0o644)
+    with pytest.raises(PermissionError):
+        cfg.audit_key()
+    key.chmod(0o440)  # a Kubernetes Secret volume with fsGroup
+    assert cfg.audit_key() == b"secret"
