@@ -25,6 +25,8 @@ COPY export export
 COPY client client
 COPY bench bench
 COPY node node
+COPY fpr fpr
+COPY testgen testgen
 # "." is this project: its versions are pinned in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install ".[${EXTRAS}]"

@@ -25,6 +25,8 @@ COPY export export
 COPY client client
 COPY bench bench
 COPY node node
+COPY fpr fpr
+COPY testgen testgen
 COPY model_repository model_repository
 COPY models models
 RUN python -m pip install -e ".[train]" \
@@ -46,6 +48,8 @@ COPY export export
 COPY client client
 COPY bench bench
 COPY node node
+COPY fpr fpr
+COPY testgen testgen
 COPY model_repository model_repository
 # numpy 1.26.4 and the other pins come from pyproject.toml; the stub copy writes into site-packages,
 # so it happens here, not at run time (the root filesystem is read-only in Kubernetes).

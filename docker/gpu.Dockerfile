@@ -37,6 +37,8 @@ COPY export export
 COPY client client
 COPY bench bench
 COPY node node
+COPY fpr fpr
+COPY testgen testgen
 COPY model_repository model_repository
 COPY models models
 RUN python -m pip install -e ".[train]"
@@ -79,6 +81,8 @@ COPY export export
 COPY client client
 COPY bench bench
 COPY node node
+COPY fpr fpr
+COPY testgen testgen
 COPY model_repository model_repository
 # Runtime deps pinned in pyproject.toml (numpy 1.26.4: numpy 2 makes the Python backend return empty
 # tensors), the pytriton wheel for its 3.11 stub, onnx for build-repo, TensorRT + cuda-python for
