@@ -20,9 +20,11 @@ import argparse  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
@@ -189,6 +191,7 @@ def run(n: int, repeat: int, size: int) -> PrePostResult:
     )
 
 
+SECTION = "## Preprocess and postprocess per slice"
 PRE_TARGET_MS, PRE_TARGET_RATIO = 1.5, 4.0  # issue 16 item 1
 POST_TARGET_MS, POST_TARGET_RATIO = 0.5, 1.3
 
@@ -203,24 +206,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--json", type=str, default=None, help="also write the numbers here")
+    parser.add_argument("--results", type=str, default="", help="markdown file whose section this run rewrites (bench/RESULTS.md)")
     args = parser.parse_args(argv)
     result = run(args.slices, args.repeat, args.size)
-    print(
+    lines = [
         f"per {args.size}x{args.size} CT slice, CPU time of one core, best of {args.repeat}, slab of {args.slices} "
-        f"({platform.processor() or platform.machine()})"
-    )
-    for name, value in result.ms_per_slice.items():
-        print(f"  {name:<46s} {value:8.3f} ms")
-    print(
+        f"({platform.processor() or platform.machine()})",
+        *(f"  {name:<46s} {value:8.3f} ms" for name, value in result.ms_per_slice.items()),
         f"preprocess  {result.preprocess_ms:.3f} ms = {result.preprocess_ratio:.2f} x parse "
         f"(targets <= {PRE_TARGET_MS} ms: {verdict(result.preprocess_ms, PRE_TARGET_MS)}; "
-        f"<= {PRE_TARGET_RATIO} x: {verdict(result.preprocess_ratio, PRE_TARGET_RATIO)})"
-    )
-    print(
+        f"<= {PRE_TARGET_RATIO} x: {verdict(result.preprocess_ratio, PRE_TARGET_RATIO)})",
         f"postprocess {result.postprocess_ms:.3f} ms = {result.postprocess_ratio:.2f} x parse "
         f"(targets <= {POST_TARGET_MS} ms: {verdict(result.postprocess_ms, POST_TARGET_MS)}; "
-        f"<= {POST_TARGET_RATIO} x: {verdict(result.postprocess_ratio, POST_TARGET_RATIO)})"
-    )
+        f"<= {POST_TARGET_RATIO} x: {verdict(result.postprocess_ratio, POST_TARGET_RATIO)})",
+    ]
+    print("\n".join(lines))
+    if args.results:
+        from ctlesion_bench.common import Machine, update_section
+
+        m = Machine.here()
+        cmd = "python -m ctlesion_bench.bench_preprocess " + " ".join(argv if argv is not None else sys.argv[1:])
+        update_section(Path(args.results), SECTION, [
+            SECTION, "", f"`{cmd}` ({m.cpu_model}, {m.date_utc}, load average {m.loadavg_1m:.2f} at the start; CPU time, "
+            "so other processes' load inflates it little):", "", "```text", *lines, "```",
+        ])  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(

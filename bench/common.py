@@ -196,3 +196,16 @@ def repository_detector_onnx(repository: Path) -> Path:
     if not onnx.exists():
         raise FileNotFoundError(f"{onnx} not found (give --onnx)")
     return onnx
+
+
+def update_section(path: Path, heading: str, lines: list[str]) -> None:
+    """Replace the ``## heading`` section of a markdown file (up to the next ``## ``), or append it."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    start = text.find(heading)
+    block = "\n".join(lines).rstrip("\n") + "\n"
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + block
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + block + ("\n" + text[end + 1 :] if end >= 0 else "")
+    path.write_text(text)

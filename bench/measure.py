@@ -52,20 +52,21 @@ class NaiveResult:
 # ----------------------------------------------------------------------------- (1) detector alone
 
 
-def ort_session(onnx: Path, threads: int = 0) -> object:
+def ort_session(onnx: Path, threads: int = 0, spinning: bool = True) -> object:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores), as the served detector
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3
     return ort.InferenceSession(str(onnx), so, providers=["CPUExecutionProvider"])
 
 
 def detector_sweep(
-    onnx: Path, images: np.ndarray, batches: list[int], repeat: int, warmup: int = 1, threads: int = 0
+    onnx: Path, images: np.ndarray, batches: list[int], repeat: int, warmup: int = 1, threads: int = 0, spinning: bool = True
 ) -> list[DetectorRow]:
     """onnxruntime in-process on preprocessed tensors; median ms per batch for each batch size."""
-    sess = ort_session(onnx, threads)
+    sess = ort_session(onnx, threads, spinning)
     rows = []
     for b in tqdm(batches, desc="detector alone", unit="batch size"):
         x = np.ascontiguousarray(np.resize(images, (b, *images.shape[1:])), dtype=np.float32)

@@ -203,3 +203,31 @@ def test_ort_memory_bench_runs_side_by_side(tmp_path: Path, capsys: pytest.Captu
         assert len(r["rss_mib_after_each"]) == len(MEMORY_SEQUENCE) and min(r["rss_mib_after_each"]) > 0
         assert r["time_ratio"] > 0
     assert "time ratio" in capsys.readouterr().out
+
+
+def test_bench_preprocess_prints_every_stage_and_the_ratios(tmp_path: Path) -> None:
+    from ctlesion_bench import bench_preprocess
+
+    result = bench_preprocess.run(4, 1, 128)
+    assert {"parse (pydicom dcmread)", "preprocess_slab total, uint8 (served)", "postprocess_findings -> tensors (served)"} <= set(result.ms_per_slice)
+    assert all(v >= 0 for v in result.ms_per_slice.values())
+    assert result.preprocess_ratio == result.preprocess_ms / result.parse_ms
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n\n## Preprocess and postprocess per slice\n\nold\n\n## GPU\n\nkept\n")
+    bench_preprocess.main(["--slices", "4", "--repeat", "1", "--size", "128", "--results", str(md)])
+    text = md.read_text()
+    assert "old" not in text and "kept" in text and "x parse" in text and text.count("## Preprocess and postprocess") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_series_bench_tiny_run(cpu_repository: Path, small_series: Path, tmp_path: Path) -> None:
+    from ctlesion_bench import series_bench
+
+    md = tmp_path / "RESULTS.md"
+    assert series_bench.main(["--model-repository", str(cpu_repository), "--series-dir", str(small_series), "--repeat", "1",
+                              "--detector-repeat", "1", "--out", str(tmp_path / "out"), "--results", str(md)]) == 0
+    data = json.loads((tmp_path / "out" / "series_bench.json").read_text())
+    assert data["k"] == 3 and data["max_batch_size"] == 32 and len(data["runs"]) == 1
+    assert data["runs"][0]["server_cpu_s"] > 0
+    assert "## Series throughput through the client library" in md.read_text()
