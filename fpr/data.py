@@ -57,7 +57,10 @@ def load_eval(mined_dir: Path, cases_dir: Path) -> list[EvalCase]:
             lesions = load_lesions(z)
             idx = z["lesion_index"]
             cubes = np.zeros((len(lesions), *z["cubes"].shape[1:]), np.uint8)
-            cubes[idx[idx >= 0]] = z["cubes"][idx >= 0]
+            # the first cube of each candidate is the untransformed one (training files add copies)
+            first = np.unique(idx, return_index=True)[1]
+            first = first[idx[first] >= 0]
+            cubes[idx[first]] = z["cubes"][first]
             case_id = str(z["case_id"])
         out.append(EvalCase(case_id, lesions, cubes, Path(cases_dir) / case_id / "truth.json"))
     return out
