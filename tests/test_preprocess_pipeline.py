@@ -10,6 +10,7 @@ from dicom_factory import Nodule, chest_phantom, make_slice, phantom_series
 
 from preprocess_backend.errors import DicomInputError, LimitExceeded
 from preprocess_backend.lesions import link_lesions
+from preprocess_backend.letterbox import LetterboxTransform
 from preprocess_backend.pipeline import (
     SLAB_META_TENSORS,
     SlabMeta,
@@ -36,7 +37,7 @@ def _fake_detector(n: int, hits: dict[int, tuple[float, ...]], a: int = 16) -> t
         scores[z, 0, 0], boxes[z, 0] = 0.9, box
         scores[z, 1, 0], boxes[z, 1] = 0.8, np.asarray(box) + 0.5  # duplicate: NMS removes
         scores[z, 2, 0], boxes[z, 2] = 0.7, (120, 6, 130, 16)  # outside the body: anatomy removes
-        scores[z, 3, 0], boxes[z, 3] = 0.6, (20, 100, 120, 200)  # 70 mm: size filter removes
+        scores[z, 3, 0], boxes[z, 3] = 0.6, (20, 60, 170, 210)  # 105 mm: the per-slice size bound (100 mm) removes
         scores[z, 4, 0], boxes[z, 4] = 0.2, (70, 120, 80, 130)  # below threshold
     return scores, boxes
 
@@ -90,9 +91,9 @@ def test_postprocess_filters_and_links(items: list[bytes]) -> None:
     assert les.centre_mm[2] == pytest.approx(-95.0, abs=0.01)
     no_anatomy = postprocess_slab(scores, boxes, meta, Options(model_size=SIZE, anatomy="none"))
     assert len(no_anatomy) == 14  # the out-of-body box is back
-    wide = postprocess_slab(scores, boxes, meta, Options(model_size=SIZE, max_size_mm=100, anatomy="body"))
-    assert len(wide) == 14  # 70 mm box in, out-of-body box still out
-    loose = postprocess_slab(scores, boxes, meta, Options(model_size=SIZE, score_threshold=0.1, nms_iou=0.99, anatomy="none", max_size_mm=100))
+    wide = postprocess_slab(scores, boxes, meta, Options(model_size=SIZE, max_size_mm=200, anatomy="body"))
+    assert len(wide) == 14  # 105 mm box in, out-of-body box still out
+    loose = postprocess_slab(scores, boxes, meta, Options(model_size=SIZE, score_threshold=0.1, nms_iou=0.99, anatomy="none", max_size_mm=200))
     assert len(loose) == 7 * 5
 
 
@@ -101,7 +102,8 @@ def test_letterboxed_model_size_maps_back(items: list[bytes]) -> None:
     opts = Options(model_size=128, anatomy="none")
     slab = preprocess_slab(rect, opts)
     assert slab.images.shape == (3, 3, 128, 128)
-    scores, boxes = _fake_detector(3, {1: _nodule_box(4, 0.5)})  # full-radius box, at half scale
+    model_box = LetterboxTransform.fit(SIZE, SIZE, 128).to_model(np.array([_nodule_box(4)]))[0]  # at half scale
+    scores, boxes = _fake_detector(3, {1: tuple(model_box)})
     dets = postprocess_slab(scores, boxes, slab.meta.to_arrays(), opts)
     assert dets[0].box_px == pytest.approx((68, 120, 84, 136), abs=1e-4)
 
