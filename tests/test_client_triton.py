@@ -97,7 +97,8 @@ def test_detect_series_on_phantom_case(phantom_result: SeriesResult, phantom_cas
     n_files = len(list(series_dir.glob("*.dcm")))
     result = phantom_result
     assert result.num_slices == n_files and len(result.sop_instance_uids) == n_files
-    assert result.num_slabs == -(-n_files // ClientOptions().slab_size)
+    assert result.num_slabs == -(-n_files // result.options["slab_size"])  # the served batch decides it
+    assert result.options["slab_size"] == 14 and result.options["k"] == 3  # max batch 32 (conftest), k from the server
     truth = CaseTruth.load(phantom_case / "truth.json")
     assert result.series_instance_uid == truth.series_instance_uid
     assert result.geometry is not None and np.all(np.diff(result.geometry.z) > 0)  # position order
