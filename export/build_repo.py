@@ -565,9 +565,6 @@ def main(argv: list[str] | None = None) -> int:
         from ctlesion_export.fpr_repo import DEFAULT_FPR_ONNX
 
         fpr_onnx = None if args.no_fpr else (args.fpr_onnx or DEFAULT_FPR_ONNX)
-        if fpr_onnx is not None and args.fpr_onnx is None and not fpr_onnx.exists():  # TEMPORARY until the model lands
-            log.warning("no %s yet: building without the FPR models", fpr_onnx)
-            fpr_onnx = None
         if fpr_onnx is not None and not fpr_onnx.exists():
             raise FileNotFoundError(f"FPR model {fpr_onnx} not found (train one with python -m ctlesion_fpr.train, or --no-fpr)")
         stamp = args.out / ".fingerprint"

@@ -36,7 +36,10 @@ def cpu_repository(detector_onnx: Path, tmp_path_factory: pytest.TempPathFactory
 
     out = tmp_path_factory.mktemp("repo") / "cpu"
     # Small batches and a short queue delay keep test latency low on 2 cores.
-    return build_repository(detector_onnx, out, RepoConfig(target="cpu", max_batch_size=32, preprocess_instances=2))
+    from ctlesion_export.fpr_repo import DEFAULT_FPR_ONNX
+
+    # The default deployment: the detection ensemble and the 3D false-positive reduction (lesion_fpr).
+    return build_repository(detector_onnx, out, RepoConfig(target="cpu", max_batch_size=32, preprocess_instances=2), fpr_onnx=DEFAULT_FPR_ONNX)
 
 
 @pytest.fixture(scope="session")
