@@ -39,7 +39,6 @@ def render_cases(case_dirs: list[Path], out_png: Path, panels: int = 6, max_byte
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Circle
-    from PIL import Image
 
     shots: list[tuple[np.ndarray, CaseTruth, int]] = []
     shown: set[str] = set()
@@ -77,10 +76,17 @@ def render_cases(case_dirs: list[Path], out_png: Path, panels: int = 6, max_byte
     fig.suptitle("ctlesion phantoms: synthetic chest CT (lung window -600 / 1500), truth nodules circled",
                  color="white", fontsize=9)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    return _save_png(fig, out_png, max_bytes, dpi=130)
+
+
+def _save_png(fig: object, out_png: Path, max_bytes: int, dpi: int) -> Path:
+    """Noisy grey images compress poorly: shrink until the file fits (a palette would posterise the noise)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=130, facecolor="black")
-    plt.close(fig)
-    # noisy grey images compress poorly: shrink until the file fits (a palette would posterise the noise)
+    fig.savefig(buf, dpi=dpi, facecolor="black")  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
     img = Image.open(buf).convert("RGB")
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +104,6 @@ def render_comparison(out_png: Path, per_row: int = 3, seed: int = 3, max_bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     from ctlesion_testgen.generate import TESTGEN_SEED, TestgenConfig
     from ctlesion_testgen.generate import generate_case as testgen_case
@@ -128,17 +133,7 @@ def render_comparison(out_png: Path, per_row: int = 3, seed: int = 3, max_bytes:
                              color="white", fontsize=6)
         fig.suptitle("lung window -600 / 1500, slice through each case's largest nodule", color="white", fontsize=9)
         fig.tight_layout(rect=(0, 0, 1, 0.97))
-        buf = io.BytesIO()
-        fig.savefig(buf, dpi=120, facecolor="black")
-        plt.close(fig)
-    img = Image.open(buf).convert("RGB")
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    for scale in (1.0, 0.85, 0.7, 0.55):
-        img.resize((int(img.width * scale), int(img.height * scale)), Image.Resampling.LANCZOS).save(out_png, optimize=True)
-        if out_png.stat().st_size <= max_bytes:
-            break
-    return out_png
+        return _save_png(fig, out_png, max_bytes, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
