@@ -62,12 +62,15 @@ def tqdm_progress(desc: str = "slabs", enabled: bool = True) -> tuple[Callable[[
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     """Transport and detection options (shared with ``ctlesion demo``)."""
-    g = parser.add_argument_group("detection (defaults are the server's: the article's values)")
+    g = parser.add_argument_group("detection (defaults are the served models': the FPR model's operating point)")
     g.add_argument("--window", help="lung (default, or -600,1500): the window the model was trained on; the server refuses others")
-    g.add_argument("--score-threshold", type=float)
+    g.add_argument("--score-threshold", type=float,
+                   help="threshold on a lesion's final confidence (default: the served FPR model's, else 0.3)")  # fmt: skip
+    g.add_argument("--candidate-threshold", type=float, help="per-slice detector threshold sent to the server")
     g.add_argument("--nms-iou", type=float)
-    g.add_argument("--min-size-mm", type=float)
-    g.add_argument("--max-size-mm", type=float)
+    g.add_argument("--min-size-mm", type=float, help="3D lesions smaller than this are dropped (default 3)")
+    g.add_argument("--max-size-mm", type=float, help="3D lesions larger than this are masses (default 30)")
+    g.add_argument("--no-fpr", action="store_true", help="skip the 3D false-positive reduction pass")
     t = parser.add_argument_group("transport")
     t.add_argument("--concurrency", type=int, default=ClientOptions.concurrency, help="slabs in flight")
     t.add_argument("--slab-size", type=int, default=ClientOptions.slab_size, help="owned slices per request")
@@ -102,6 +105,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[ClientOptions, DetectOp
         nms_iou=args.nms_iou,
         min_size_mm=args.min_size_mm,
         max_size_mm=args.max_size_mm,
+        candidate_threshold=getattr(args, "candidate_threshold", None),
+        fpr=not getattr(args, "no_fpr", False),
     )
     return client, detect
 
