@@ -27,6 +27,8 @@ EXIT_TIMEOUT=${CTLESION_EXIT_TIMEOUT_SECS:-30}
 repo_args=(--max-batch-size "$MAX_BATCH" --queue-delay-us "$QUEUE_DELAY_US"
            --detector-instances "$DETECTOR_INSTANCES" --preprocess-instances "$PREPROCESS_INSTANCES"
            --postprocess-instances "$POSTPROCESS_INSTANCES")
+# the FPR ONNX exported at image build (this image has no torch to export the checkpoint itself)
+[ -f "$ONNX_DIR/ctlesion_fpr.onnx" ] && repo_args+=(--fpr-onnx "$ONNX_DIR/ctlesion_fpr.onnx")
 
 serve_onnx() {
   log "serving target gpu-onnx (onnxruntime backend) from $REPO"

@@ -49,7 +49,8 @@ RUN set -eux; \
       ctlesion export --checkpoint models/ctlesion_damoyolo.pt --out /out/onnx/detector.onnx --from-onnx \
         --int8 --target tensorrt --int8-out /out/onnx/detector_int8_trt.onnx --calibration-dir /tmp/calib; \
     fi; \
-    ctlesion build-repo --target gpu-onnx --onnx /out/onnx/detector.onnx --out /out/repo/gpu-onnx
+    python -c "from ctlesion_export.fpr_repo import export_fpr_checkpoint as e, DEFAULT_FPR_CHECKPOINT as c; e(c, '/out/onnx/ctlesion_fpr.onnx')"; \
+    ctlesion build-repo --target gpu-onnx --onnx /out/onnx/detector.onnx --fpr-onnx /out/onnx/ctlesion_fpr.onnx --out /out/repo/gpu-onnx
 
 # ---------------------------------------------------------------------------------------------------
 # Stage 2: the server.

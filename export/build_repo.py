@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nms-iou", type=float, default=0.2)
     parser.add_argument("--if-stale", action="store_true", help="skip when inputs and settings are unchanged")
     parser.add_argument("--fpr-onnx", type=Path, default=None,
-                        help="3D false-positive-reduction model served as lesion_fpr (default: models/ctlesion_fpr.onnx)")  # fmt: skip
+                        help="3D false-positive-reduction ONNX served as lesion_fpr (default: exported from models/ctlesion_fpr.pt)")  # fmt: skip
     parser.add_argument("--no-fpr", action="store_true", help="serve the detector ensemble without the FPR models")
     limits = parser.add_argument_group(
         "request limits",
@@ -562,9 +562,9 @@ def main(argv: list[str] | None = None) -> int:
                 from ctlesion_export.int8_default import ensure_cpu_int8
 
                 onnx_path = ensure_cpu_int8(onnx_path, REPO_ROOT / "work" / "phantoms")
-        from ctlesion_export.fpr_repo import DEFAULT_FPR_ONNX
+        from ctlesion_export.fpr_repo import default_fpr_onnx
 
-        fpr_onnx = None if args.no_fpr else (args.fpr_onnx or DEFAULT_FPR_ONNX)
+        fpr_onnx = None if args.no_fpr else (args.fpr_onnx or default_fpr_onnx())
         if fpr_onnx is not None and not fpr_onnx.exists():
             raise FileNotFoundError(f"FPR model {fpr_onnx} not found (train one with python -m ctlesion_fpr.train, or --no-fpr)")
         stamp = args.out / ".fingerprint"

@@ -20,9 +20,30 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_FPR_ONNX = REPO_ROOT / "models" / "ctlesion_fpr.onnx"
+DEFAULT_FPR_CHECKPOINT = REPO_ROOT / "models" / "ctlesion_fpr.pt"  # committed; the ONNX is built from it
+DEFAULT_FPR_ONNX = REPO_ROOT / "work" / "onnx" / "ctlesion_fpr.onnx"
 FPR_ENSEMBLE = "lesion_fpr"
 FPR_MAX_BATCH = 64
+
+
+def export_fpr_checkpoint(checkpoint: Path, onnx_path: Path) -> Path:
+    """FPR checkpoint -> the served uint8-input ONNX, its geometry, rule and thresholds as metadata."""
+    from ctlesion_fpr.model import export_onnx, load_checkpoint
+
+    net, meta = load_checkpoint(Path(checkpoint))
+    if "cube" not in meta:
+        raise ValueError(f"{checkpoint}: no cube geometry in its meta (not released by ctlesion_fpr.train --release?)")
+    return export_onnx(net, Path(onnx_path), tuple(meta["cube"]["shape"]), meta)
+
+
+def default_fpr_onnx(checkpoint: Path = DEFAULT_FPR_CHECKPOINT, onnx_path: Path = DEFAULT_FPR_ONNX) -> Path:
+    """The ONNX of the committed FPR checkpoint, exported when missing or made from other bytes."""
+    from ctlesion_export.build_repo import export_if_changed
+
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"FPR checkpoint {checkpoint} not found (train one with python -m ctlesion_fpr.train --release)")
+    export_if_changed(Path(checkpoint), Path(onnx_path), export_fpr_checkpoint)
+    return Path(onnx_path)
 
 
 def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1, queue_delay_us: int = 2000) -> dict[str, mc.ModelConfig]:

@@ -8,7 +8,7 @@ client's per-slice threshold would. ``ctlesion evaluate`` runs the same stage on
 scratch; tests/test_fpr_serving.py checks the served path gives the same lesions.
 
     python -m ctlesion_fpr.evaluate_mined --mined work/fpr/mined_test30 --cases work/phantoms/test30 \\
-        --fpr-onnx models/ctlesion_fpr.onnx --out work/eval/fpr_test30
+        --fpr-onnx work/onnx/ctlesion_fpr.onnx --out work/eval/fpr_test30
 """
 
 from __future__ import annotations

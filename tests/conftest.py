@@ -31,15 +31,23 @@ def detector_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cpu_repository(detector_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fpr_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed FPR checkpoint exported to ONNX, exactly as build-repo serves it."""
+    from ctlesion_export.fpr_repo import DEFAULT_FPR_CHECKPOINT, export_fpr_checkpoint
+
+    if not DEFAULT_FPR_CHECKPOINT.exists():
+        missing_real_part(f"no FPR checkpoint at {DEFAULT_FPR_CHECKPOINT} (train one with python -m ctlesion_fpr.train --release)")
+    return export_fpr_checkpoint(DEFAULT_FPR_CHECKPOINT, tmp_path_factory.mktemp("fpr") / "fpr.onnx")
+
+
+@pytest.fixture(scope="session")
+def cpu_repository(detector_onnx: Path, fpr_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ctlesion_export.build_repo import RepoConfig, build_repository
 
     out = tmp_path_factory.mktemp("repo") / "cpu"
     # Small batches and a short queue delay keep test latency low on 2 cores.
-    from ctlesion_export.fpr_repo import DEFAULT_FPR_ONNX
-
     # The default deployment: the detection ensemble and the 3D false-positive reduction (lesion_fpr).
-    return build_repository(detector_onnx, out, RepoConfig(target="cpu", max_batch_size=32, preprocess_instances=2), fpr_onnx=DEFAULT_FPR_ONNX)
+    return build_repository(detector_onnx, out, RepoConfig(target="cpu", max_batch_size=32, preprocess_instances=2), fpr_onnx=fpr_onnx)
 
 
 @pytest.fixture(scope="session")

@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 
 from ctlesion_client import DetectOptions, LesionClient
-from ctlesion_export.fpr_repo import DEFAULT_FPR_ONNX
 from ctlesion_fpr.predict import read_meta
 from preprocess_backend.lesion_filters import LesionFilter
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
 
-def test_served_fpr_rescoring_equals_the_evaluation_pipeline(triton: object, phantom_case: Path, detector_onnx: Path) -> None:
+def test_served_fpr_rescoring_equals_the_evaluation_pipeline(triton: object, phantom_case: Path, detector_onnx: Path, fpr_onnx: Path) -> None:
     from damoyolo.eval.fpr_stage import FprStage, second_stage
     from damoyolo.eval.runner import eval_options, onnx_predictor, run_detector_on_case
 
-    info = read_meta(DEFAULT_FPR_ONNX)
+    info = read_meta(fpr_onnx)
     with LesionClient(triton.grpc_url) as client:  # type: ignore[attr-defined]
         served = client.detect_series(phantom_case / "series")
     assert served.options["fpr"] == {"rule": info.rule, "operating_threshold": info.operating_threshold,
@@ -33,7 +32,7 @@ def test_served_fpr_rescoring_equals_the_evaluation_pipeline(triton: object, pha
     predict, model = onnx_predictor(detector_onnx)
     options = eval_options(score_threshold=info.candidate_threshold, window=model.window, model_size=model.model_size, k=model.in_channels)
     _, candidates = run_detector_on_case(predict, phantom_case, options)
-    local = second_stage(phantom_case, candidates, FprStage(DEFAULT_FPR_ONNX), LesionFilter(3.0, 30.0, info.operating_threshold))
+    local = second_stage(phantom_case, candidates, FprStage(fpr_onnx), LesionFilter(3.0, 30.0, info.operating_threshold))
     assert len(local) == len(served.lesions)
     for a, b in zip(sorted(local, key=lambda x: x.centre_mm), sorted(served.lesions, key=lambda x: x.centre_mm), strict=True):
         np.testing.assert_allclose(a.centre_mm, b.centre_mm, atol=0.05)

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device for --checkpoint (cpu, cuda)")
     p.add_argument("--score-threshold", type=float, default=None,
                    help=f"per-slice candidate threshold (default: the FPR model's candidate threshold, without FPR {EVAL_SCORE_THRESHOLD})")  # fmt: skip
-    p.add_argument("--fpr-onnx", type=Path, default=None, help="3D false-positive-reduction model (default: models/ctlesion_fpr.onnx, as served)")
+    p.add_argument("--fpr-onnx", type=Path, default=None, help="3D false-positive-reduction ONNX (default: the one served, exported from models/ctlesion_fpr.pt)")
     p.add_argument("--no-fpr", action="store_true", help="evaluate the detector alone (linked lesions, 3D size rule)")
     p.add_argument("--window", default=None, help="window preset (default: the checkpoint's, else lung)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples for the CPM interval (0: none)")
@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     info = predictor[1]
     if args.window:
         info.window = args.window
-    from ctlesion_export.fpr_repo import DEFAULT_FPR_ONNX
+    from ctlesion_export.fpr_repo import DEFAULT_FPR_CHECKPOINT, default_fpr_onnx
     from ctlesion_fpr.predict import read_meta
 
-    fpr_onnx = None if args.no_fpr else (args.fpr_onnx or (DEFAULT_FPR_ONNX if DEFAULT_FPR_ONNX.exists() else None))
+    fpr_onnx = None if args.no_fpr else (args.fpr_onnx or (default_fpr_onnx() if DEFAULT_FPR_CHECKPOINT.exists() else None))
     threshold = args.score_threshold
     if threshold is None:
         threshold = read_meta(fpr_onnx).candidate_threshold if fpr_onnx is not None else EVAL_SCORE_THRESHOLD

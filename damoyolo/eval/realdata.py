@@ -160,14 +160,14 @@ def format_results(results: list[RealResult], title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ctlesion_export.fpr_repo import DEFAULT_FPR_ONNX
+    from ctlesion_export.fpr_repo import default_fpr_onnx
     from damoyolo.eval.fpr_stage import FprStage
     from damoyolo.eval.runner import eval_options, onnx_predictor, torch_predictor
 
     p = argparse.ArgumentParser(prog="python -m damoyolo.eval.realdata", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, help="detector checkpoint (.pt)")
     p.add_argument("--onnx", type=Path, help="detector ONNX instead of --checkpoint")
-    p.add_argument("--fpr-onnx", type=Path, default=DEFAULT_FPR_ONNX)
+    p.add_argument("--fpr-onnx", type=Path, default=None, help="default: the served one, exported from models/ctlesion_fpr.pt")
     p.add_argument("--realdata", type=Path, default=REALDATA)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
     texts = []
-    stage = FprStage(a.fpr_onnx) if a.fpr_onnx and a.fpr_onnx.exists() else None
+    fpr_onnx = a.fpr_onnx or default_fpr_onnx()
+    stage = FprStage(fpr_onnx) if fpr_onnx.exists() else None
     runs = [("article threshold 0.3, no FPR", None, LesionFilter(3.0, 30.0, 0.3), 0.3)]
     if stage is not None:
         runs.append((f"shipped default: FPR ({stage.info.rule}), threshold {stage.info.operating_threshold:.3f}", stage,
