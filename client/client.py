@@ -105,8 +105,8 @@ class _ClientBase:
         if threshold is None:
             threshold = self._fpr.operating_threshold if use_fpr else fpr_pass.ARTICLE_SCORE_THRESHOLD  # type: ignore[union-attr]
         return LesionFilter(
-            min_size_mm=3.0 if detect.min_size_mm is None else detect.min_size_mm,
-            max_size_mm=30.0 if detect.max_size_mm is None else detect.max_size_mm,
+            min_size_mm=LesionFilter.min_size_mm if detect.min_size_mm is None else detect.min_size_mm,
+            max_size_mm=LesionFilter.max_size_mm if detect.max_size_mm is None else detect.max_size_mm,
             score_threshold=threshold,
         )
 

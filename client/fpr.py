@@ -22,11 +22,12 @@ from preprocess_backend.cubes import CubeSpec, slice_range_for
 from preprocess_backend.lesion_filters import LesionFilter, filter_lesions
 from preprocess_backend.rescoring import apply_fpr
 from preprocess_backend.series import SeriesGeometry
-from preprocess_backend.types import Lesion
+from preprocess_backend.types import Lesion, Options
 
 FPR_MODEL = "lesion_fpr"
 FPR_CLASSIFIER = "fpr_classifier"
-ARTICLE_SCORE_THRESHOLD = 0.3  # without FPR the detector's score is the confidence: the article's default
+# without FPR the detector's score is the confidence: the server's own default, the article's 0.3
+ARTICLE_SCORE_THRESHOLD = Options().score_threshold
 MAX_CUBE_REQUEST_SLICES = 96
 
 

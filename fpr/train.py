@@ -70,20 +70,18 @@ def predict_torch(net: FprNet, cubes: np.ndarray, batch: int = 128) -> np.ndarra
 
 
 def operating_point(results: list, max_fp_per_scan: float) -> tuple[float, float, float]:
-    """(threshold, sensitivity, FP per scan): lowest threshold with mean FP per scan <= the limit."""
-    scans = len(results)
-    tp_scores, fp_scores, nodules = [], [], 0
-    for r in results:
-        nodules += len(r.nodules)
-        tp_scores += [s for s in r.match.nodule_best_score.values() if np.isfinite(s)]
-        fp_scores += [s for i, s in enumerate(r.match.lesion_scores) if r.match.lesion_nodule[i] is None and not r.match.ignored(i)]
+    """(threshold, sensitivity, FP per scan): lowest threshold with mean FP per scan <= the limit;
+    sensitivity and FP per scan counted as the evaluation reports them (``operating_point_stats``)."""
+    from damoyolo.eval.evaluation import operating_point_stats
+
+    fp_scores = [s for r in results for i, s in enumerate(r.match.lesion_scores)
+                 if r.match.lesion_nodule[i] is None and not r.match.ignored(i)]  # fmt: skip
     fp = np.sort(np.asarray(fp_scores))[::-1]
-    allowed = int(np.floor(max_fp_per_scan * scans))
+    allowed = int(np.floor(max_fp_per_scan * len(results)))
     # threshold just above the (allowed+1)-th highest FP score
     thr = float(fp[allowed]) + 1e-6 if fp.size > allowed else 0.0
-    sens = float(np.sum(np.asarray(tp_scores) >= thr) / max(nodules, 1))
-    fps = float(np.sum(fp >= thr) / max(scans, 1))
-    return thr, sens, fps
+    stats = operating_point_stats(results, thr)
+    return thr, float(stats["sensitivity"]), float(stats["fp_per_scan"])
 
 
 def validate(
