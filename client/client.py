@@ -206,7 +206,7 @@ class _ClientBase:
             raise ModelMismatchError(self.options.model_name, [f"the served model takes k = {shape.k} context slices, the client was told k = {self.options.k}"])
         k = shape.k or self.options.k or DEFAULT_K
         slab = self.options.slab_size or RequestShape(k, shape.max_batch_size).slab_size()
-        return replace(self.options, k=k, slab_size=slab)
+        return replace(self.options, k=k, slab_size=slab, context_mm=shape.context_mm if self._shape else self.options.context_mm)
 
     def _prepare(self, series: SeriesInput, series_uid: str | None = None) -> PreparedSeries:
         """Headers read, series ordered, slabs cut with ``planning_options`` (after the model check)."""

@@ -24,7 +24,7 @@ from ctlesion_client.errors import DeadlineExceededError, InvalidInputError, Ser
 from ctlesion_client.merge import merge_slabs
 from ctlesion_client.options import ClientOptions, DetectOptions
 from ctlesion_client.result import SeriesResult
-from ctlesion_client.slabs import SlabPlan, plan_slabs
+from ctlesion_client.slabs import SlabPlan, plan_slabs, request_slab_size
 from preprocess_backend.dicom_io import DecodedSlice, DicomHeader, decode_slice, read_header
 from preprocess_backend.errors import DicomInputError
 from preprocess_backend.lesions import link_lesions, midline_x_from_mask
@@ -228,7 +228,8 @@ def prepare_series(
     options: ClientOptions,
     series_uid: str | None = None,
 ) -> PreparedSeries:
-    """Read headers, pick the series, order it as preprocess_backend does, cut slabs (halo = k // 2)."""
+    """Read headers, pick the series, order it as preprocess_backend does, cut slabs (halo = k // 2,
+    or what reaches the served mm offsets at this series' spacing; requests keep their planned size)."""
     t0 = time.perf_counter()
     items, warnings = collect_items(inputs)
     items, more = select_series(items, series_uid)
@@ -259,7 +260,7 @@ def prepare_series(
     first = ordered[0].header
     return PreparedSeries(
         items=ordered,
-        plans=plan_slabs(len(ordered), options.slab_size, options.halo),
+        plans=_plans(len(ordered), options, geometry.slice_spacing if geometry is not None and len(ordered) > 1 else None),
         geometry=geometry,
         series_instance_uid=series.series_instance_uid,
         study_instance_uid=first.study_instance_uid,
@@ -267,6 +268,12 @@ def prepare_series(
         warnings=warnings,
         read_s=time.perf_counter() - t0,
     )
+
+
+def _plans(n: int, options: ClientOptions, spacing_mm: float | None) -> list[SlabPlan]:
+    halo = options.series_halo(spacing_mm)
+    slab = options.slab_size if halo == options.halo else request_slab_size(options.slab_size, options.halo, halo)
+    return plan_slabs(n, slab, halo)
 
 
 def prepare_image(image: str | Path | bytes | bytearray | pydicom.Dataset) -> PreparedSeries:
@@ -455,6 +462,7 @@ def options_used(options: ClientOptions, detect: DetectOptions) -> dict[str, Any
         "slab_size": options.slab_size,
         "halo": options.halo,
         "k": options.k,
+        "context_mm": options.context_mm,
         "concurrency": options.concurrency,
         "compression": options.compression,
         "tls": options.tls is not None,

@@ -64,6 +64,9 @@ class ClientOptions:
     # owned slices per request; None: two requests (+ 2 x halo each) fill one served detector batch
     slab_size: int | None = None
     k: int | None = None  # the model's 2.5D context (halo = k // 2 slices at each slab end); None: the served one
+    # the served 2.5D plane offset in mm (set from the served model by the client; a thin-slice series
+    # then sends more halo slices, ``preprocess_backend.slabs.context_halo``)
+    context_mm: float | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     tls: TlsOptions | None = None
     compression: str = "none"  # gRPC message compression: none | gzip | deflate
@@ -84,6 +87,12 @@ class ClientOptions:
     @property
     def halo(self) -> int:
         return (self.k or 3) // 2  # the client resolves k from the served model first (planning_options)
+
+    def series_halo(self, spacing_mm: float | None) -> int:
+        """Context slices at each slab end for a series of this slice spacing."""
+        from preprocess_backend.slabs import context_halo
+
+        return context_halo(self.k or 3, self.context_mm, spacing_mm)
 
     @property
     def compression_algorithm(self) -> str | None:

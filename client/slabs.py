@@ -2,8 +2,9 @@
 runner, ``ctlesion bench`` and the locust file) and the request shape the served model declares.
 
 The served repository says what a request should look like: the preprocess step's ``context_slices``
-parameter is the model's 2.5D context k (so the halo is k // 2), and the detector's
-``max_batch_size`` bounds one merged batch. ``RequestShape`` reads both from the ensemble's and its
+parameter is the model's 2.5D context k (so the halo is k // 2), its ``context_mm`` parameter the
+spacing of those context planes in mm (then a thin-slice series needs more halo slices:
+``context_halo``), and the detector's ``max_batch_size`` bounds one merged batch. ``RequestShape`` reads both from the ensemble's and its
 steps' configs (``get_model_config(..., as_json=True)``), so a client never plans with its own guess.
 """
 
@@ -14,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preprocess_backend.slabs import SlabPlan, merging_slab_size, plan_slabs
+from preprocess_backend.slabs import SlabPlan, context_halo, merging_slab_size, plan_slabs, request_slab_size
 
-__all__ = ["DEFAULT_K", "DEFAULT_SLAB_SIZE", "RequestShape", "SlabPlan", "merging_slab_size", "plan_slabs"]
+__all__ = [
+    "DEFAULT_K", "DEFAULT_SLAB_SIZE", "RequestShape", "SlabPlan", "context_halo", "merging_slab_size", "plan_slabs",
+    "request_slab_size",
+]  # fmt: skip
 
 DEFAULT_K = 3  # used only when the server declares no context (a repository built before it did)
 DEFAULT_SLAB_SIZE = 16
@@ -29,6 +33,7 @@ class RequestShape:
 
     k: int | None = None
     max_batch_size: int | None = None
+    context_mm: float | None = None  # the preprocess step's 2.5D plane offset (None: neighbouring slices)
 
     @property
     def halo(self) -> int:
@@ -43,16 +48,19 @@ class RequestShape:
     @classmethod
     def from_configs(cls, ensemble: Mapping[str, Any], step_configs: Mapping[str, Mapping[str, Any]]) -> RequestShape:
         """From the ensemble's config and its steps' configs (JSON as tritonclient returns them)."""
-        k = batch = None
+        k = batch = context = None
         for name in step_model_names(ensemble):
             config = step_configs.get(name) or {}
             config = config.get("config", config)
-            value = (config.get("parameters") or {}).get("context_slices", {}).get("string_value")
+            params = config.get("parameters") or {}
+            value = params.get("context_slices", {}).get("string_value")
             if value and k is None:
                 k = int(value)
+                mm = params.get("context_mm", {}).get("string_value")
+                context = float(mm) if mm not in (None, "", "none") else None
             if name == "detector" or (batch is None and int(config.get("max_batch_size") or 0) > 0):
                 batch = int(config.get("max_batch_size") or 0) or batch
-        return cls(k, batch)
+        return cls(k, batch, context)
 
     @classmethod
     def from_repository(cls, repository: str | Path, ensemble: str = "lesion_detection") -> RequestShape:

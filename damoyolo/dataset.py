@@ -4,7 +4,9 @@ The images the detector learns from are made by the same preprocess_backend func
 Triton preprocess model runs (decode, HU, lung window, uint8 rounding, 2.5D stacking with
 edge-replicated ends), so training and serving cannot drift apart. A series is kept in memory as
 windowed uint8 slices [Z, H, W] (one channel); the 2.5D stack is gathered per sample with the
-same ``stack_indices`` the server uses.
+same ``context_planes`` the server uses. With ``pixel_mm`` the slices are resampled to that pixel
+size (whole field of view, padded to a multiple of 32) and the truth boxes follow; with
+``context_mm`` the 2.5D channels are planes at those mm offsets, as the server makes them.
 
 Truth boxes come from ``damoyolo.eval.truth_geometry.truth_slice_boxes`` (the sphere's cross-section on each
 slice; thin end caps get no box), the same function evaluation scores against.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +27,9 @@ from ctlesion_phantoms.truth import NoduleTruth
 from ctlesion_phantoms.volume import default_case_id
 from damoyolo.data.types import Case, Nodule
 from damoyolo.eval.truth_geometry import SeriesTruth, truth_slice_boxes, truth_slice_nodules
+from preprocess_backend.letterbox import LetterboxTransform
 from preprocess_backend.masks import LUNG
-from preprocess_backend.pipeline import decode_items, preprocess_decoded
-from preprocess_backend.stacking import stack_indices
+from preprocess_backend.pipeline import blend_plane, context_planes, decode_items, preprocess_decoded
 from preprocess_backend.types import Options
 
 
@@ -39,14 +41,45 @@ class CaseData:
     lung_slices: np.ndarray  # slice indices that contain lung (where negatives are drawn)
     truth: CaseTruth | SeriesTruth
     box_nodules: dict[int, list[int]] = field(default_factory=dict)  # slice -> index in truth.nodules per box
+    z_mm: np.ndarray | None = None  # slice positions along the normal (for planes at mm offsets)
+    context_mm: float | None = None
+    _planes: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def stack(self, k: int, s: int) -> np.ndarray:
+        """uint8 [k, H, W]: slice ``s`` with its 2.5D context, exactly as preprocess makes it."""
+        if k not in self._planes:
+            self._planes[k] = context_planes(len(self.windowed), self.z_mm, k, self.context_mm)
+        src, w = self._planes[k]
+        out = np.empty((k, *self.windowed.shape[1:]), np.uint8)
+        for c in range(k):
+            blend_plane(self.windowed, int(src[s, c, 0]), int(src[s, c, 1]), float(w[s, c]), out[c])
+        return out
 
 
-def load_case(case_dir: Path, window: str = "lung") -> CaseData:
+MIN_TRAIN_SIZE = 256  # resampled slices are padded to at least this (the largest training crop)
+
+
+def scale_options(rows: int, cols: int, pixel_spacing: Sequence[float] | None, window: str,
+                  pixel_mm: float | None) -> tuple[Options, LetterboxTransform]:
+    """k = 1 options keeping the whole slice: native pixels, or resampled to ``pixel_mm`` and padded
+    to a multiple of 32 and at least ``MIN_TRAIN_SIZE`` (no crop; training crops fit), with the
+    transform the truth boxes go through."""
+    if pixel_mm is None or pixel_spacing is None:
+        return Options(window=window, k=1, image_dtype="uint8", model_size=rows), LetterboxTransform.fit(rows, cols, rows)
+    row_mm, col_mm = (float(np.float32(v)) for v in pixel_spacing)
+    probe = LetterboxTransform.physical(rows, cols, 32, row_mm, col_mm, pixel_mm)
+    size = max(MIN_TRAIN_SIZE, 32 * -(-max(probe.new_h, probe.new_w) // 32))
+    options = Options(window=window, k=1, image_dtype="uint8", model_size=size, pixel_mm=pixel_mm)
+    return options, LetterboxTransform.physical(rows, cols, size, row_mm, col_mm, pixel_mm)
+
+
+def load_case(case_dir: Path, window: str = "lung", pixel_mm: float | None = None, context_mm: float | None = None) -> CaseData:
     """Decode a phantom case's DICOM series through the serving pipeline (k = 1: one channel)."""
     truth = CaseTruth.load(case_dir / "truth.json")
     files = sorted((case_dir / "series").glob("*.dcm"))
     items = [f.read_bytes() for f in files]
-    options = Options(window=window, k=1, image_dtype="uint8", model_size=truth.geometry.rows)
+    g = truth.geometry
+    options, t = scale_options(g.rows, g.columns, g.pixel_spacing, window, pixel_mm)
     slab = preprocess_decoded(decode_items(items, options), options)
     z_pos = slab.meta.position[:, 2]
     expected = truth.geometry.slice_positions()[:, 2]
@@ -55,11 +88,22 @@ def load_case(case_dir: Path, window: str = "lung") -> CaseData:
     windowed = np.ascontiguousarray(slab.images[:, 0])
     # lung present: the anatomy mask (lowres) has lung pixels on the slice
     lung = np.flatnonzero((slab.meta.anatomy & LUNG).reshape(len(windowed), -1).any(1))
-    boxes = {k: v.astype(np.float32) for k, v in truth_slice_boxes(truth).items()}
-    return CaseData(truth.case_id, windowed, boxes, lung, truth, truth_slice_nodules(truth))
+    boxes = {k: t.to_model(v).astype(np.float32) for k, v in truth_slice_boxes(truth).items()}
+    return CaseData(truth.case_id, windowed, boxes, lung, truth, truth_slice_nodules(truth), _z_mm(slab), context_mm)
 
 
-def load_source_case(case: Case, cache_dir: Path, window: str = "lung") -> CaseData:
+def _z_mm(slab) -> np.ndarray | None:  # noqa: ANN001 (a pipeline.Slab)
+    from preprocess_backend.dicom_io import slice_normal
+
+    pos, iop = slab.meta.position.astype(np.float64), slab.meta.orientation.astype(np.float64)
+    if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(iop))):
+        return None
+    return pos @ slice_normal(tuple(iop[0]))
+
+
+def load_source_case(
+    case: Case, cache_dir: Path, window: str = "lung", pixel_mm: float | None = None, context_mm: float | None = None
+) -> CaseData:
     """A ``damoyolo.data`` case (LUNA16, LIDC, DICOM + CSV) through the serving pipeline, like ``load_case``.
 
     The windowed slices are kept in ``cache_dir`` as an .npy and memory-mapped: a LUNA16 scan is
@@ -70,8 +114,8 @@ def load_source_case(case: Case, cache_dir: Path, window: str = "lung") -> CaseD
     series_dir = case.series_dir()
     options = Options(window=window, k=1, image_dtype="uint8")
     files, geometry = order_series(series_files(series_dir), options)
-    options = replace(options, model_size=geometry.rows)  # native pixels, as load_case
-    key = hashlib.sha256("\n".join([window, *geometry.sop_instance_uids]).encode()).hexdigest()[:12]
+    options, t = scale_options(geometry.rows, geometry.columns, geometry.pixel_spacing, window, pixel_mm)  # as load_case
+    key = hashlib.sha256("\n".join([window, str(pixel_mm), *geometry.sop_instance_uids]).encode()).hexdigest()[:12]
     cache = Path(cache_dir) / f"{case.case_id[-40:]}-{key}.npz"  # keyed by the slices: a changed series is re-read
     if cache.exists():
         saved = np.load(cache)
@@ -87,8 +131,9 @@ def load_source_case(case: Case, cache_dir: Path, window: str = "lung") -> CaseD
         np.savez(cache, lung=lung)  # written last: its presence means the .npy is whole
     windowed = np.load(windowed_path, mmap_mode="r")
     truth = SeriesTruth(case.case_id, list(case.nodules), geometry, list(case.irrelevant))
-    boxes = {k: v.astype(np.float32) for k, v in truth_slice_boxes(truth).items()}
-    return CaseData(case.case_id, windowed, boxes, lung, truth, truth_slice_nodules(truth))
+    boxes = {k: t.to_model(v).astype(np.float32) for k, v in truth_slice_boxes(truth).items()}
+    z_mm = geometry.z if len(geometry.z) > 1 else None
+    return CaseData(case.case_id, windowed, boxes, lung, truth, truth_slice_nodules(truth), z_mm, context_mm)
 
 
 def ensure_cases(root: Path, seeds: Sequence[int], config: PhantomConfig | None = None) -> list[Path]:
@@ -103,14 +148,17 @@ def ensure_cases(root: Path, seeds: Sequence[int], config: PhantomConfig | None 
     return dirs
 
 
-def load_cases(dirs: Sequence[Path], window: str = "lung", workers: int = 0) -> list[CaseData]:
+def load_cases(
+    dirs: Sequence[Path], window: str = "lung", workers: int = 0, pixel_mm: float | None = None, context_mm: float | None = None
+) -> list[CaseData]:
     """Decode the cases in order; ``workers`` > 1 decodes that many at once in processes (GPU nodes)."""
     if workers <= 1 or len(dirs) <= 1:
-        return [load_case(d, window) for d in tqdm(dirs, desc="decode series", unit="case")]
+        return [load_case(d, window, pixel_mm, context_mm) for d in tqdm(dirs, desc="decode series", unit="case")]
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(min(workers, len(dirs))) as pool:
-        jobs = pool.map(load_case, dirs, [window] * len(dirs))
+    n = len(dirs)
+    with ProcessPoolExecutor(min(workers, n)) as pool:
+        jobs = pool.map(load_case, dirs, [window] * n, [pixel_mm] * n, [context_mm] * n)
         return list(tqdm(jobs, total=len(dirs), desc=f"decode series ({workers} processes)", unit="case"))
 
 
@@ -159,9 +207,8 @@ class CropSampler:
         return len(self._positives)
 
     def stack(self, case: CaseData, k_slice: int) -> np.ndarray:
-        """uint8 [k, H, W]: the slice and its neighbours, edge-replicated like the server does."""
-        idx = stack_indices(len(case.windowed), self.k)[k_slice]
-        return case.windowed[idx]
+        """uint8 [k, H, W]: the slice and its 2.5D context, edge-replicated like the server does."""
+        return case.stack(self.k, k_slice)
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One crop: uint8 [k, crop, crop] and boxes [M, 4] in crop pixels."""

@@ -41,7 +41,7 @@ from damoyolo.augment import AugmentConfig, augment
 from damoyolo.data.types import DataError
 from damoyolo.dataset import CaseData, CropSampler, ensure_cases, load_cases
 from preprocess_backend.postprocess import pairwise_iou, threshold_nms
-from preprocess_backend.stacking import stack_indices
+from preprocess_backend.types import Options, mm_or_none
 
 
 @dataclass
@@ -71,6 +71,14 @@ class TrainConfig:
     model_size: int = 512
     val_slices_max: int = 96
     phantom_slices_max: int | None = None  # smaller phantoms (tests); None = the generator's default
+    # more training cases: folders of generated cases (e.g. ``ctlesion phantom --profile wide``), each
+    # case a subfolder with truth.json; they must come from training seeds (never validation / test)
+    train_dirs: list[str] = field(default_factory=list)
+    # physical scale (preprocess_backend Options): the slices resampled to this pixel size, the 2.5D
+    # channels planes at this offset in mm; None: native pixels / neighbouring slices. Recorded in
+    # the released checkpoint's meta, so serving can check it runs the model at its training scale.
+    pixel_mm: float | None = field(default_factory=lambda: Options().pixel_mm)
+    context_mm: float | None = field(default_factory=lambda: Options().context_mm)
     seed: int = 0
     pretrained: str | None = None  # an official DAMO-YOLO checkpoint to start from
     device: str = "auto"
@@ -187,7 +195,7 @@ class ValSet:
         images, boxes = [], []
         for ci, s in picks:
             case = cases[ci]
-            images.append(case.windowed[stack_indices(len(case.windowed), k)[s]])
+            images.append(case.stack(k, s))
             boxes.append(case.boxes.get(s, np.zeros((0, 4), np.float32)))
         return cls(np.stack(images), boxes)
 
@@ -233,6 +241,8 @@ def release_state(model: torch.nn.Module, cfg: TrainConfig, epoch: int, metrics:
         "class_names": cfg.class_names,
         "window": cfg.window,
         "k": cfg.k,
+        "pixel_mm": cfg.pixel_mm,
+        "context_mm": cfg.context_mm,
         "epoch": epoch,
         "metrics": metrics,
         "train_config": asdict(cfg),
@@ -293,13 +303,29 @@ def load_data_cases(cfg: TrainConfig) -> tuple[list[CaseData], list[CaseData]]:
     train_folds, val_folds = resolve_folds(cfg)
     windowed = Path(cfg.cache_dir) / "windowed"
     picked = list(source.cases(train_folds | val_folds))
-    loaded = [load_source_case(c, windowed, cfg.window) for c in tqdm(picked, desc=f"read {source.name}", unit="case")]
+    loaded = [load_source_case(c, windowed, cfg.window, cfg.pixel_mm, cfg.context_mm) for c in tqdm(picked, desc=f"read {source.name}", unit="case")]
     train_cases = [d for c, d in zip(picked, loaded, strict=True) if c.fold in train_folds]
     val_cases = [d for c, d in zip(picked, loaded, strict=True) if c.fold in val_folds]
     if not train_cases or not val_cases:
         raise DataError(f"{cfg.data}: {len(train_cases)} training cases (folds {sorted(train_folds)}), "
                          f"{len(val_cases)} validation cases (folds {sorted(val_folds)}): need both")
     return train_cases, val_cases
+
+
+def extra_train_dirs(folders: Sequence[str]) -> list[Path]:
+    """Case folders (subfolders with truth.json) under each of ``folders``; only training-range seeds."""
+    out = []
+    for folder in folders:
+        for d in sorted(Path(folder).iterdir()):
+            if not (d / "truth.json").exists():
+                continue
+            seed = json.loads((d / "truth.json").read_text()).get("seed")
+            if seed is None or splits.split_of(int(seed)) != "train":
+                raise DataError(f"{d}: seed {seed} is not in the training range (splits.TRAIN_SEED...)")
+            out.append(d)
+        if not out:
+            raise DataError(f"{folder}: no generated cases (subfolders with truth.json)")
+    return out
 
 
 def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, quiet: bool = False) -> dict[str, Any]:
@@ -317,8 +343,9 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
         phantom = PhantomConfig() if cfg.phantom_slices_max is None else PhantomConfig(slices_max=cfg.phantom_slices_max)
         train_dirs = ensure_cases(data / "train", [cfg.train_seed + i for i in range(cfg.train_cases)], phantom)
         val_dirs = ensure_cases(data / "validation", [cfg.val_seed + i for i in range(cfg.val_cases)], phantom)
-        train_cases = load_cases(train_dirs, cfg.window, cfg.workers)
-        val_cases = load_cases(val_dirs, cfg.window, cfg.workers)
+        train_dirs += extra_train_dirs(cfg.train_dirs)
+        train_cases = load_cases(train_dirs, cfg.window, cfg.workers, cfg.pixel_mm, cfg.context_mm)
+        val_cases = load_cases(val_dirs, cfg.window, cfg.workers, cfg.pixel_mm, cfg.context_mm)
     sampler = CropSampler(
         train_cases, crop=cfg.crop, k=cfg.k, p_positive=cfg.p_positive, hard_weight=cfg.hard_weight
     )
@@ -443,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=d.cache_dir, help="with --data: DICOM written from MetaImage, windowed slices")
     p.add_argument("--min-readers", type=int, default=d.min_readers, help="lidc: readers of 4 agreeing on a nodule")
     p.add_argument("--out", default=d.out_dir, help="last.pt (resume), best.pt, summary.json")
+    p.add_argument("--train-dir", action="append", default=[], dest="train_dirs", metavar="DIR",
+                   help="more generated training cases (e.g. ctlesion phantom --profile wide --seed 100000 ...); repeatable")
+    p.add_argument("--pixel-mm", type=mm_or_none, default=d.pixel_mm, help=f"model pixel size in mm, 'none': native (default {d.pixel_mm})")
+    p.add_argument("--context-mm", type=mm_or_none, default=d.context_mm,
+                   help=f"2.5D plane offset in mm, 'none': neighbouring slices (default {d.context_mm})")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -474,6 +506,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pretrained=args.pretrained, device=args.device, threads=args.threads, workers=args.workers,
         hard_weight=args.hard_weight, data=args.data, folds=args.folds, val_folds=args.val_folds,
         test_fold=args.test_fold, cache_dir=args.cache_dir, min_readers=args.min_readers,
+        train_dirs=list(args.train_dirs), pixel_mm=args.pixel_mm, context_mm=args.context_mm,
     )
 
 

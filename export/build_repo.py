@@ -37,7 +37,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ctlesion_export.onnx_export import OnnxModelInfo, inspect_onnx
 from ctlesion_export.repo_check import MANIFEST_SUFFIX, CheckReport, IOMismatch, check_repository
 from preprocess_backend.contract import ModelContract
-from preprocess_backend.types import Limits
+from preprocess_backend.types import Limits, Options, mm_or_none
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,10 @@ class RepoConfig:
     # in pieces of at most this many slices, 434 vs 1035 MiB at the same speed (bench_ort_memory); 0 = whole
     ort_max_run_batch: int = 8
     window: str = "lung"
+    # physical scale of the detector's input (preprocess_backend Options.pixel_mm / context_mm): one
+    # pixel size in mm and the 2.5D plane offset in mm; None: letterbox the matrix / neighbour slices
+    pixel_mm: float | None = field(default_factory=lambda: Options().pixel_mm)
+    context_mm: float | None = field(default_factory=lambda: Options().context_mm)
     score_threshold: float = 0.3
     nms_iou: float = 0.2
     min_size_mm: float = 1.5  # per-slice box bounds; the 3-30 mm rule is on 3D lesions (client)
@@ -140,6 +144,10 @@ def _params(config: mc.ModelConfig, values: dict[str, object]) -> None:
         config.parameters[key].string_value = str(value)
 
 
+def _mm_text(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}"
+
+
 def _instance(config: mc.ModelConfig, count: int, gpu: bool) -> None:
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(kind=kind, count=count)
@@ -151,6 +159,7 @@ def preprocess_config(info: OnnxModelInfo, cfg: RepoConfig) -> mc.ModelConfig:
     _add_io(config.output, [TensorSpec("images", "uint8", (-1, info.channels, info.height, info.width)), *slab_meta_specs()])
     _instance(config, cfg.preprocess_instances, gpu=False)
     _params(config, {"model_size": info.height, "context_slices": info.channels, "window": cfg.window})
+    _params(config, {"pixel_mm": _mm_text(cfg.pixel_mm), "context_mm": _mm_text(cfg.context_mm)})
     # Every limit is written, defaults included, so the deployed config shows what is enforced.
     _params(config, {f"limit_{key}": value for key, value in asdict(cfg.limits).items()})
     # The model's input contract (preprocess_backend.contract): what it reads, enforced per item.
@@ -505,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
     torch_group.add_argument("--torch-instance-kind", choices=("auto", "gpu", "cpu"), default="auto",
                              help="Triton instance kind of the torch detector (auto: gpu when it runs on CUDA)")  # fmt: skip
     parser.add_argument("--window", default="lung")
+    parser.add_argument("--pixel-mm", type=mm_or_none, default=Options().pixel_mm,
+                        help="detector pixel size in mm, 'none' to letterbox the matrix (default %(default)s)")
+    parser.add_argument("--context-mm", type=mm_or_none, default=Options().context_mm,
+                        help="2.5D plane offset in mm, 'none' for neighbouring slices (default %(default)s)")
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--nms-iou", type=float, default=0.2)
     parser.add_argument("--if-stale", action="store_true", help="skip when inputs and settings are unchanged")
@@ -537,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         ort_max_run_batch=args.ort_max_run_batch,
         trt_precision=args.trt_precision,
         window=args.window,
+        pixel_mm=args.pixel_mm,
+        context_mm=args.context_mm,
         score_threshold=args.score_threshold,
         nms_iou=args.nms_iou,
         limits=Limits(**{spec.name: getattr(args, f"limit_{spec.name}") for spec in fields(Limits)}),

@@ -76,7 +76,8 @@ def pick_slices(series_dirs: Sequence[Path], slices_per_series: int) -> list[Sli
 
 def slice_image(ref: SliceRef, options: Options) -> np.ndarray:
     """The 2.5D model image [k, S, S] of one slice, computed by ``preprocess_slab`` on a haloed slab."""
-    half = options.k // 2
+    # planes at mm offsets may reach past the neighbours: 4x covers slices down to context_mm / 4 apart
+    half = options.k // 2 if options.context_mm is None else 4 * (options.k // 2)
     lo, hi = max(0, ref.index - half), min(len(ref.files), ref.index + half + 1)
     slab = preprocess_slab([f.read_bytes() for f in ref.files[lo:hi]], options)
     return slab.images[ref.index - lo]

@@ -1,4 +1,11 @@
-"""Resize to the model's square input keeping the aspect ratio, padding the rest (letterbox).
+"""Map a slice onto the model's square input: letterbox (fit the matrix) or physical scale (one pixel
+size in mm, centred, padded or cropped).
+
+``LetterboxTransform.fit`` resizes whatever matrix arrives to fill the model input, so a 256 x 256
+slice of 1 mm pixels and a 1024 x 1024 one of 0.5 mm reach the detector at 4x different scales.
+``LetterboxTransform.physical`` resamples to one pixel size in mm instead (the detector's training
+scale), centred on the image centre; a field of view wider than ``size x pixel_mm`` is cropped at its
+edges (body wall and table, not lungs), a narrower one is padded.
 
 Pixel coordinates follow the project's one convention (docs/contracts.md, "Coordinates"): the
 centre of pixel (row i, column j) is at x = j, y = i, as DICOM's ImagePositionPatient and
@@ -9,6 +16,7 @@ source at the same places, so a box maps onto the resized content.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -38,6 +46,17 @@ class LetterboxTransform:
         new_w = min(size, max(1, round(src_w * scale)))
         return cls(src_h, src_w, size, new_h, new_w, (size - new_w) // 2, (size - new_h) // 2)
 
+    @classmethod
+    def physical(cls, src_h: int, src_w: int, size: int, row_mm: float, col_mm: float, pixel_mm: float) -> LetterboxTransform:
+        """Resample to ``pixel_mm`` per pixel (rounded to whole output pixels), centred; pads < 0 crop."""
+        if src_h < 1 or src_w < 1 or size < 1:
+            raise DicomInputError("letterbox", f"bad sizes {src_h}x{src_w} -> {size}")
+        if not (math.isfinite(row_mm) and math.isfinite(col_mm) and row_mm > 0 and col_mm > 0 and pixel_mm > 0):
+            raise DicomInputError("letterbox", f"physical scale needs PixelSpacing, got {row_mm} x {col_mm} mm")
+        new_h = max(1, round(src_h * row_mm / pixel_mm))
+        new_w = max(1, round(src_w * col_mm / pixel_mm))
+        return cls(src_h, src_w, size, new_h, new_w, (size - new_w) // 2, (size - new_h) // 2)
+
     @property
     def scale_x(self) -> float:
         return self.new_w / self.src_w
@@ -49,6 +68,18 @@ class LetterboxTransform:
     @property
     def is_identity(self) -> bool:
         return self.new_h == self.src_h and self.new_w == self.src_w and self.pad_x == 0 and self.pad_y == 0
+
+    def lowres(self, f: int) -> LetterboxTransform:
+        """The same mapping onto the model grid shrunk f times (rounded to whole pixels there)."""
+        size = self.size // f
+        if self == LetterboxTransform.fit(self.src_h, self.src_w, self.size):
+            return LetterboxTransform.fit(self.src_h, self.src_w, size)
+        new_h, new_w = max(1, round(self.new_h / f)), max(1, round(self.new_w / f))
+        return LetterboxTransform(self.src_h, self.src_w, size, new_h, new_w, (size - new_w) // 2, (size - new_h) // 2)
+
+    def as_ints(self) -> tuple[int, int, int, int]:
+        """(new_h, new_w, pad_x, pad_y): with src and size, the whole transform (slab metadata)."""
+        return self.new_h, self.new_w, self.pad_x, self.pad_y
 
     def to_model(self, boxes: np.ndarray) -> np.ndarray:
         """xyxy boxes in original pixels -> model input pixels (float64), pixel centres on integers."""
@@ -133,3 +164,27 @@ def letterbox(
     out[...] = pad_value
     out[..., t.pad_y : t.pad_y + t.new_h, t.pad_x : t.pad_x + t.new_w] = resized
     return out, t
+
+
+def resample_uint8(image: np.ndarray, t: LetterboxTransform, out: np.ndarray, pad_value: int = 0) -> np.ndarray:
+    """uint8 [H, W] -> ``out`` uint8 [size, size] through ``t`` (pads and crops alike).
+
+    Pillow's separable triangle filter (antialiased when shrinking, the same filter and pixel-centre
+    convention as ``resize``), computed only for the output pixels inside the model input: one C
+    pass, ~0.5 ms for 512 x 512 (the dense ``resize`` takes ~4 ms).
+    """
+    from PIL import Image
+
+    if t.is_identity:
+        np.copyto(out, image)
+        return out
+    ox0, oy0 = max(0, t.pad_x), max(0, t.pad_y)
+    ox1, oy1 = min(t.size, t.pad_x + t.new_w), min(t.size, t.pad_y + t.new_h)
+    # output pixel edge x' maps to source edge (x' - pad) / scale (pixel j covers [j, j + 1) there)
+    box = ((ox0 - t.pad_x) / t.scale_x, (oy0 - t.pad_y) / t.scale_y, (ox1 - t.pad_x) / t.scale_x, (oy1 - t.pad_y) / t.scale_y)
+    src = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    part = src.resize((ox1 - ox0, oy1 - oy0), Image.Resampling.BILINEAR, box=box)
+    if (ox0, oy0, ox1, oy1) != (0, 0, t.size, t.size):
+        out[...] = pad_value
+    out[oy0:oy1, ox0:ox1] = np.asarray(part)
+    return out

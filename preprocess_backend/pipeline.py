@@ -1,7 +1,9 @@
 """The two halves the Triton Python models call: ``preprocess_slab`` and ``postprocess_slab``.
 
-preprocess: DICOM items (any order) -> decode each once -> series order -> window -> letterbox ->
-2.5D stack -> ``Slab`` (model images + a few small per-slice metadata arrays).
+preprocess: DICOM items (any order) -> decode each once -> series order -> window -> onto the model
+grid (letterbox, or one pixel size in mm with ``Options.pixel_mm``) -> 2.5D stack (neighbour slices,
+or planes at fixed mm offsets with ``Options.context_mm``) -> ``Slab`` (model images + a few small
+per-slice metadata arrays).
 postprocess: detector output [N, A, C] / [N, A, 4] + those metadata arrays -> ``Detection`` list.
 
 The metadata crosses Triton's shared memory between two Python models, so it is a handful of small
@@ -21,7 +23,7 @@ import numpy as np
 from preprocess_backend.contract import ModelContract
 from preprocess_backend.dicom_io import DecodedSlice, decode_frames
 from preprocess_backend.errors import DicomInputError, LimitExceeded
-from preprocess_backend.letterbox import LetterboxTransform, block_mean, letterbox, resize
+from preprocess_backend.letterbox import LetterboxTransform, block_mean, letterbox, resample_uint8, resize
 from preprocess_backend.masks import BODY, LUNG, anatomy_mask
 from preprocess_backend.postprocess import (
     batched_threshold_nms,
@@ -45,6 +47,7 @@ SLAB_META_TENSORS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
     ("meta_sop_uid", "bytes", (-1,)),  # SOPInstanceUID per slice
     ("meta_hu", "int16", (-1, -1, -1)),  # HU on the letterboxed 1/lowres_factor grid
     ("meta_anatomy", "uint8", (-1, -1, -1)),  # same grid: bit 0 body, bit 1 lung
+    ("meta_transform", "int32", (-1, 8)),  # model grid new_h, new_w, pad_x, pad_y; then the same for the 1/f grid
 )
 
 
@@ -59,8 +62,9 @@ class SlabMeta:
     sop_uid: np.ndarray  # object [N] of bytes
     hu: np.ndarray  # int16 [N, s, s]
     anatomy: np.ndarray  # uint8 [N, s, s]
+    transform_ints: np.ndarray  # int32 [N, 8]: ``LetterboxTransform.as_ints()`` of the model and 1/f grids
 
-    _FIELDS = ("info", "spacing", "position", "orientation", "sop_uid", "hu", "anatomy")
+    _FIELDS = ("info", "spacing", "position", "orientation", "sop_uid", "hu", "anatomy", "transform_ints")
 
     def __len__(self) -> int:
         return int(self.info.shape[0])
@@ -89,11 +93,11 @@ class SlabMeta:
 
     def transform(self, i: int) -> LetterboxTransform:
         rows, cols, size = (int(v) for v in self.info[i, :3])
-        return LetterboxTransform.fit(rows, cols, size)
+        return LetterboxTransform(rows, cols, size, *(int(v) for v in self.transform_ints[i, :4]))
 
     def lowres_transform(self, i: int) -> LetterboxTransform:
         rows, cols, size, f = (int(v) for v in self.info[i, :4])
-        return LetterboxTransform.fit(rows, cols, size // f)
+        return LetterboxTransform(rows, cols, size // f, *(int(v) for v in self.transform_ints[i, 4:]))
 
 
 @dataclass
@@ -140,12 +144,19 @@ def decode_items(dicom_items: Sequence[bytes], options: Options, with_hu: bool =
 
 
 def _lowres_hu(hu: np.ndarray, t: LetterboxTransform, f: int) -> np.ndarray:
-    """float32 [Z, s, s] HU on the letterboxed grid of size ``size // f``."""
-    lo = LetterboxTransform.fit(t.src_h, t.src_w, t.size // f)
+    """float32 [Z, s, s] HU on the model grid shrunk f times (``t.lowres(f)``)."""
     if t.is_identity and t.src_h % f == 0 and t.src_w % f == 0:
         return block_mean(hu, f)  # the common 512 -> 512 case: exact 4 x 4 means
-    out = np.full((hu.shape[0], lo.size, lo.size), AIR_HU, dtype=np.float32)
-    out[:, lo.pad_y : lo.pad_y + lo.new_h, lo.pad_x : lo.pad_x + lo.new_w] = resize(hu, lo.new_h, lo.new_w)
+    return _place_float(hu, t.lowres(f))
+
+
+def _place_float(images: np.ndarray, lo: LetterboxTransform) -> np.ndarray:
+    """float32 [Z, H, W] -> [Z, s, s] through ``lo`` (dense ``resize``: the grids here are small)."""
+    out = np.full((images.shape[0], lo.size, lo.size), AIR_HU, dtype=np.float32)
+    ox0, oy0 = max(0, lo.pad_x), max(0, lo.pad_y)
+    ox1, oy1 = min(lo.size, lo.pad_x + lo.new_w), min(lo.size, lo.pad_y + lo.new_h)
+    resized = resize(images, lo.new_h, lo.new_w)
+    out[:, oy0:oy1, ox0:ox1] = resized[:, oy0 - lo.pad_y : oy1 - lo.pad_y, ox0 - lo.pad_x : ox1 - lo.pad_x]
     return out
 
 
@@ -191,6 +202,65 @@ def _lowres_hu_stored(ordered: Sequence[DecodedSlice], f: int) -> np.ndarray | N
     return out
 
 
+def model_transform(rows: int, cols: int, pixel_spacing: Sequence[float] | None, options: Options) -> LetterboxTransform:
+    """The slice -> model grid mapping ``options`` asks for: one pixel size in mm where
+    ``options.pixel_mm`` is set and the slice has a PixelSpacing, else the letterbox fit."""
+    if options.pixel_mm is not None and pixel_spacing is not None:
+        row_mm, col_mm = (float(np.float32(v)) for v in pixel_spacing)  # as the slab metadata holds them
+        return LetterboxTransform.physical(rows, cols, options.model_size, row_mm, col_mm, options.pixel_mm)
+    return LetterboxTransform.fit(rows, cols, options.model_size)
+
+
+def context_planes(n: int, z_mm: np.ndarray | None, k: int, context_mm: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Where each slice's 2.5D channels come from: int64 [Z, k, 2] source slices and float32 [Z, k]
+    weight of the second one (channel = (1 - w) x first + w x second).
+
+    ``context_mm`` set and positions known: channel c of slice i is the plane at ``z_i + (c - k // 2) x
+    context_mm``, linearly interpolated between the two slices around it (clamped at the ends), so
+    the detector sees the same anatomy whatever the slice spacing. Else the neighbouring slices.
+    """
+    z = n
+    if context_mm is None or z_mm is None or z < 2 or not np.all(np.isfinite(z_mm)) or np.any(np.diff(z_mm) <= 0):
+        idx = stack_indices(n, k)
+        return np.stack([idx, idx], axis=-1), np.zeros(idx.shape, np.float32)
+    offsets = (np.arange(k) - k // 2) * float(context_mm)
+    f = np.interp(z_mm[:, None] + offsets[None, :], z_mm, np.arange(z, dtype=np.float64))
+    first = np.clip(np.floor(f).astype(np.int64), 0, z - 1)
+    w = f - first
+    # snap weights within 1 % of a slice onto it: a copy instead of a blend, and exact at spacing == context
+    first = np.where(w > 0.99, np.minimum(first + 1, z - 1), first)
+    w = np.where((w < 0.01) | (w > 0.99), 0.0, w)
+    second = np.minimum(first + 1, z - 1)
+    return np.stack([first, second], axis=-1), w.astype(np.float32)
+
+
+def blend_plane(windowed: np.ndarray, a: int, b: int, w: float, out: np.ndarray, work: np.ndarray | None = None) -> np.ndarray:
+    """One 2.5D channel: uint8 ``(1 - w) x windowed[a] + w x windowed[b]``, rounded half up (a copy when w == 0)."""
+    if w == 0.0:
+        np.copyto(out, windowed[a], casting="unsafe")
+        return out
+    work = np.empty(windowed.shape[1:], np.float32) if work is None else work
+    np.multiply(windowed[a], np.float32(1.0 - w), out=work, dtype=np.float32)
+    work += np.float32(w) * windowed[b]
+    work += np.float32(0.5)
+    np.floor(work, out=work)
+    np.copyto(out, work, casting="unsafe")  # 0..255 by construction (a convex blend of uint8 values)
+    return out
+
+
+def _fill_channels(images: np.ndarray, windowed: np.ndarray, src: np.ndarray, w: np.ndarray, skip_mid: bool) -> None:
+    """images[i, c] from ``context_planes``; the middle channel is left alone where it already holds
+    the slice (``skip_mid``: it was windowed in place)."""
+    mid = images.shape[1] // 2
+    work = np.empty(windowed.shape[1:], np.float32) if np.any(w) else None
+    for c in range(images.shape[1]):
+        for i in range(images.shape[0]):
+            a = int(src[i, c, 0])
+            if skip_mid and c == mid and a == i and w[i, c] == 0:
+                continue
+            blend_plane(windowed, a, int(src[i, c, 1]), float(w[i, c]), images[i, c], work)
+
+
 def preprocess_decoded(slices: Sequence[DecodedSlice], options: Options) -> Slab:
     """Everything after decoding (training and calibration call this on slices they decoded)."""
     series = assemble_series(slices, allow_mixed=options.group_series)
@@ -203,10 +273,15 @@ def preprocess_decoded(slices: Sequence[DecodedSlice], options: Options) -> Slab
     f = options.lowres_factor
     if f < 1 or options.model_size % f:
         raise DicomInputError("options", f"lowres_factor {f} must divide model_size {options.model_size}")
+    if options.pixel_mm is not None and not options.pixel_mm > 0:
+        raise DicomInputError("options", f"pixel_mm must be > 0, got {options.pixel_mm}")
+    if options.context_mm is not None and not options.context_mm > 0:
+        raise DicomInputError("options", f"context_mm must be > 0, got {options.context_mm}")
     z = len(ordered)
     h, w = ordered[0].hu.shape
     size = options.model_size
-    t = LetterboxTransform.fit(h, w, size)
+    t = model_transform(h, w, ordered[0].pixel_spacing, options)
+    lo = t.lowres(f)
     uint8 = np.dtype(options.image_dtype) == np.uint8
     if options.image_dtype not in ("float32", "uint8"):
         raise DicomInputError("options", f"image_dtype must be float32 or uint8, not {options.image_dtype!r}")
@@ -214,15 +289,22 @@ def preprocess_decoded(slices: Sequence[DecodedSlice], options: Options) -> Slab
     # Window to integers 0..255 in both dtypes, so float32 training and uint8 serving see the same values.
     # uint8 at native size: each slice is windowed straight into its own channel of the output
     # (stored integers -> one exact multiply-add plan, windowing.StoredWindowPlan), the neighbours'
-    # channels are copies of it.
-    idx = stack_indices(z, options.k)
+    # channels are copies of it (or blends, for planes at fixed mm offsets).
+    src, weight = context_planes(z, series.z if series.has_geometry else None, options.k, options.context_mm)
     images = np.empty((z, options.k, size, size), dtype=np.uint8 if uint8 else np.float32)
     mid = options.k // 2
-    if t.is_identity:
-        windowed = images[:, mid] if uint8 else np.empty((z, h, w), dtype=np.uint8)
+    in_place = uint8 and t.is_identity
+    if t.is_identity or options.pixel_mm is not None:
+        # native pixels, or one pixel size in mm: window at native size (uint8), then resample once
+        windowed = images[:, mid] if in_place else np.empty((z, size, size), dtype=np.uint8)
+        native = None if t.is_identity else np.empty((h, w), dtype=np.uint8)
         work = np.empty((h, w), dtype=np.float32)
         for i, s in enumerate(ordered):
-            window_slice(s, options.window, options.window_function, dtype=np.uint8, out=windowed[i], work=work)
+            if native is None:
+                window_slice(s, options.window, options.window_function, dtype=np.uint8, out=windowed[i], work=work)
+            else:
+                window_slice(s, options.window, options.window_function, dtype=np.uint8, out=native, work=work)
+                resample_uint8(native, t, windowed[i])
     else:
         full = np.empty((z, h, w), dtype=np.float32)
         for i, s in enumerate(ordered):
@@ -231,13 +313,13 @@ def preprocess_decoded(slices: Sequence[DecodedSlice], options: Options) -> Slab
         boxed += np.float32(0.5)
         np.clip(boxed, 0, 255, out=boxed)
         windowed = boxed.astype(np.uint8)
-    for c in range(options.k):  # one copy (+ cast) per channel and slice, straight into the output
-        if uint8 and t.is_identity and c == mid:
-            continue
-        for i in range(z):
-            images[i, c] = windowed[idx[i, c]]
+    _fill_channels(images, windowed, src, weight, skip_mid=in_place)
 
-    hu_lo = _lowres_hu_stored(ordered, f) if t.is_identity else None
+    hu_lo = None
+    if t.is_identity or options.pixel_mm is not None:
+        blocks = _lowres_hu_stored(ordered, f)  # exact f x f means of the original grid, from stored integers
+        if blocks is not None:
+            hu_lo = blocks if t.is_identity else _place_float(blocks, LetterboxTransform(h // f, w // f, lo.size, *lo.as_ints()))
     if hu_lo is None:
         hu = np.stack([s.modality_values() for s in ordered]) if z > 1 else ordered[0].modality_values()[None]
         hu_lo = _lowres_hu(hu, t, f)
@@ -254,6 +336,7 @@ def preprocess_decoded(slices: Sequence[DecodedSlice], options: Options) -> Slab
         sop_uid=np.array([s.sop_instance_uid.encode() for s in ordered], dtype=object),
         hu=np.rint(hu_lo).astype(np.int16),
         anatomy=np.ascontiguousarray(anatomy),
+        transform_ints=np.tile(np.array([*t.as_ints(), *lo.as_ints()], dtype=np.int32), (z, 1)),
     )
     return Slab(images=images, meta=meta, report=series.report, series_instance_uid=series.series_instance_uid)
 

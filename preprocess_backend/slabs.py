@@ -10,6 +10,7 @@ dropped client-side, so each slice is counted exactly once (by the slab that own
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -74,3 +75,19 @@ def merging_slab_size(max_batch_size: int, halo: int, merge: int = 2) -> int:
         if owned >= 1:
             return owned
     return 1
+
+
+def context_halo(k: int, context_mm: float | None = None, spacing_mm: float | None = None) -> int:
+    """Context slices each slab needs at each end: k // 2 neighbours, or with planes at fixed mm
+    offsets (``Options.context_mm``) as many slices as reach ``k // 2 x context_mm`` at this spacing."""
+    half = k // 2
+    if context_mm is None or spacing_mm is None or not spacing_mm > 0 or half == 0:
+        return half
+    return max(half, math.ceil(half * context_mm / spacing_mm - 1e-6))
+
+
+def request_slab_size(slab_size: int, planned_halo: int, halo: int) -> int:
+    """Owned slices when a series needs ``halo`` instead of the ``planned_halo`` its slab size was
+    chosen for: the request keeps its size (owned + 2 x halo), so concurrent requests still fill one
+    detector batch."""
+    return max(1, slab_size + 2 * (planned_halo - halo))

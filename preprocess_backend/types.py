@@ -25,6 +25,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def mm_or_none(text: str) -> float | None:
+    """A length in mm from a command line or a Triton parameter; "none" / "off" / "" turn it off."""
+    return None if str(text).strip().lower() in ("none", "off", "") else float(text)
+
+
 def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in data.items() if k in known})
@@ -65,6 +70,11 @@ class Options:
     max_size_mm: float = 100.0
     model_size: int = 512
     k: int = 3  # 2.5D context slices (1, 3 or 5)
+    # Physical scale (issue 15 item 4). pixel_mm: resample every slice to this pixel size, centred
+    # (None: letterbox the matrix to model_size). context_mm: the 2.5D channels are planes this far
+    # apart along the slice normal, interpolated between slices (None: the neighbouring slices).
+    pixel_mm: float | None = None
+    context_mm: float | None = None
     image_dtype: str = "float32"  # "float32" or "uint8" (rounded; 1/4 of the bytes across Triton shm)
     lowres_factor: int = 4  # HU / mask grid = model_size / lowres_factor, in letterboxed model space
     anatomy: str = "lung"  # default anatomical filter: "lung" | "body" | "none" (CT only)

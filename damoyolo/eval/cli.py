@@ -9,7 +9,14 @@ from pathlib import Path
 
 from ctlesion_phantoms.splits import DEMO_SEED, TEST_SEED, TRAIN_SEED, VALIDATION_SEED
 from damoyolo.eval.evaluation import evaluate, format_report
-from damoyolo.eval.runner import EVAL_SCORE_THRESHOLD, eval_options, onnx_predictor, torch_predictor
+from damoyolo.eval.runner import (
+    EVAL_SCORE_THRESHOLD,
+    add_scale_arguments,
+    eval_options,
+    onnx_predictor,
+    scale_overrides,
+    torch_predictor,
+)
 from preprocess_backend.errors import DicomInputError
 
 _SEED_NAMES = {"TEST_SEED": TEST_SEED, "VALIDATION_SEED": VALIDATION_SEED, "TRAIN_SEED": TRAIN_SEED, "DEMO_SEED": DEMO_SEED}
@@ -36,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fpr-onnx", type=Path, default=None, help="3D false-positive-reduction ONNX (default: the one served, exported from models/ctlesion_fpr.pt)")
     p.add_argument("--no-fpr", action="store_true", help="evaluate the detector alone (linked lesions, 3D size rule)")
     p.add_argument("--window", default=None, help="window preset (default: the checkpoint's, else lung)")
+    add_scale_arguments(p)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples for the CPM interval (0: none)")
     p.add_argument("--data", default=None, metavar="KIND:DIR",
                    help="score a real data set instead of phantoms: luna16:DIR, lidc:DIR or dicomcsv:DIR (official LUNA16 protocol)")
@@ -92,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     threshold = args.score_threshold
     if threshold is None:
         threshold = read_meta(fpr_onnx).candidate_threshold if fpr_onnx is not None else EVAL_SCORE_THRESHOLD
-    options = eval_options(score_threshold=threshold, window=info.window, model_size=info.model_size, k=info.in_channels)
+    options = eval_options(
+        score_threshold=threshold, window=info.window, model_size=info.model_size, k=info.in_channels, **scale_overrides(args)
+    )
     try:
         if args.data:
             from damoyolo.data import open_source, parse_folds

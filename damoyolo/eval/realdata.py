@@ -162,7 +162,13 @@ def format_results(results: list[RealResult], title: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     from ctlesion_export.fpr_repo import default_fpr_onnx
     from damoyolo.eval.fpr_stage import FprStage
-    from damoyolo.eval.runner import eval_options, onnx_predictor, torch_predictor
+    from damoyolo.eval.runner import (
+        add_scale_arguments,
+        eval_options,
+        onnx_predictor,
+        scale_overrides,
+        torch_predictor,
+    )
 
     p = argparse.ArgumentParser(prog="python -m damoyolo.eval.realdata", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, help="detector checkpoint (.pt)")
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fpr-onnx", type=Path, default=None, help="default: the served one, exported from models/ctlesion_fpr.pt")
     p.add_argument("--realdata", type=Path, default=REALDATA)
     p.add_argument("--out", type=Path, required=True)
+    add_scale_arguments(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     predict_fn, info = onnx_predictor(a.onnx) if a.onnx else torch_predictor(a.checkpoint or Path("models/ctlesion_damoyolo.pt"))
@@ -184,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((f"shipped default: FPR ({stage.info.rule}), threshold {stage.info.operating_threshold:.3f}", stage,
                      LesionFilter(3.0, 30.0, stage.info.operating_threshold), stage.info.candidate_threshold))  # fmt: skip
     for title, st, rule, candidate in runs:
-        options = eval_options(score_threshold=candidate, window=info.window, model_size=info.model_size, k=info.in_channels)
+        options = eval_options(
+            score_threshold=candidate, window=info.window, model_size=info.model_size, k=info.in_channels, **scale_overrides(a)
+        )
         results = evaluate_real(series, predict_fn, options, st, rule)
         report[title] = [asdict(r) for r in results]
         texts.append(format_results(results, title))

@@ -22,8 +22,8 @@ from preprocess_backend.errors import DicomInputError
 from preprocess_backend.lesions import link_lesions
 from preprocess_backend.pipeline import postprocess_slab, preprocess_slab
 from preprocess_backend.series import SeriesGeometry, assemble_headers
-from preprocess_backend.slabs import plan_slabs
-from preprocess_backend.types import Detection, Lesion, Options
+from preprocess_backend.slabs import context_halo, plan_slabs
+from preprocess_backend.types import Detection, Lesion, Options, mm_or_none
 
 DEFAULT_CONTRACT = ModelContract()
 EVAL_SCORE_THRESHOLD = 0.05  # low, so the FROC curve reaches far enough to the right
@@ -34,6 +34,19 @@ PredictFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 def eval_options(**overrides: Any) -> Options:
     """Serving options with a low score threshold (FROC needs the low-confidence tail) and float32 images."""
     return replace(Options(score_threshold=EVAL_SCORE_THRESHOLD, image_dtype="float32"), **overrides)
+
+
+def add_scale_arguments(parser: Any) -> None:
+    """``--pixel-mm`` / ``--context-mm`` (``Options.pixel_mm`` / ``context_mm``; "none" turns one off)."""
+    d = Options()
+    parser.add_argument("--pixel-mm", type=mm_or_none, default=d.pixel_mm,
+                        help=f"model pixel size in mm, 'none' to letterbox the matrix (default {d.pixel_mm})")
+    parser.add_argument("--context-mm", type=mm_or_none, default=d.context_mm,
+                        help=f"2.5D channel offset in mm, 'none' for neighbouring slices (default {d.context_mm})")
+
+
+def scale_overrides(args: Any) -> dict[str, float | None]:
+    return {"pixel_mm": args.pixel_mm, "context_mm": args.context_mm}
 
 
 def _is_part10(path: Path) -> bool:
@@ -72,23 +85,25 @@ def run_detector_on_case(
     case_dir: Path,
     options: Options | None = None,
     slab_size: int = 16,
-    halo: int = 1,
+    halo: int | None = None,
     batch_size: int = 8,
     contract: ModelContract | None = DEFAULT_CONTRACT,
 ) -> tuple[list[Detection], list[Lesion]]:
     """Run the serving pipeline on one case's DICOM series; detections carry series slice indices.
 
     The series is cut into slabs of ``slab_size`` owned slices plus ``halo`` context slices at each end
-    (so every owned slice's 2.5D stack sees its real neighbours); each slab goes through
+    (so every owned slice's 2.5D stack sees its real neighbours; None: ``context_halo`` of the options); each slab goes through
     ``preprocess_slab`` -> ``predict_fn`` -> ``postprocess_slab`` and detections on halo slices are
     dropped (the slab owning the slice reports them). The kept detections are linked into lesions
     with the whole series' geometry. ``contract`` is the served model's input contract (the default
     deployment's): a series the server would refuse is refused here with the same reason.
     """
     options = options or eval_options()
+    files, geometry = order_series(series_files(case_dir), options)
+    if halo is None:  # what the client sends: k // 2 slices, or enough to reach the mm offsets
+        halo = context_halo(options.k, options.context_mm, geometry.slice_spacing if len(files) > 1 else None)
     if slab_size < 1 or halo < 0:
         raise ValueError("slab_size must be >= 1 and halo >= 0")
-    files, geometry = order_series(series_files(case_dir), options)
     detections: list[Detection] = []
     for plan in plan_slabs(len(files), slab_size, halo):
         lo, hi = plan.send_start, plan.send_stop

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 from preprocess_backend.contract import ModelContract
 from preprocess_backend.errors import DicomInputError
 from preprocess_backend.pipeline import SLAB_META_TENSORS, preprocess_slab
-from preprocess_backend.types import Limits, Options
+from preprocess_backend.types import Limits, Options, mm_or_none
 
 
 class TritonPythonModel:
@@ -31,6 +31,9 @@ class TritonPythonModel:
             window=self.contract.window,
             model_size=int(params.get("model_size", "512")),
             k=int(params.get("context_slices", "3")),
+            # physical scale: one pixel size and 2.5D plane offset in mm ("none": letterbox / neighbours)
+            pixel_mm=mm_or_none(params.get("pixel_mm", "none")),
+            context_mm=mm_or_none(params.get("context_mm", "none")),
             image_dtype="uint8",
             limits=limits,
         )
