@@ -37,7 +37,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ctlesion_export.onnx_export import OnnxModelInfo, inspect_onnx
 from ctlesion_export.repo_check import MANIFEST_SUFFIX, CheckReport, IOMismatch, check_repository
 from preprocess_backend.contract import ModelContract
-from preprocess_backend.types import Limits, Options, mm_or_none
+from preprocess_backend.types import Limits, mm_or_none
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,28 @@ _DTYPES = {
     "float32": mc.TYPE_FP32,
     "bytes": mc.TYPE_STRING,
 }
+
+
+MODEL_SCALE = "model"  # RepoConfig.pixel_mm / context_mm: take the detector's own training scale
+
+
+def scale_arg(text: str) -> float | str | None:
+    """--pixel-mm / --context-mm: a length in mm, "none", or "model" (the detector's training scale)."""
+    return MODEL_SCALE if text.strip().lower() == MODEL_SCALE else mm_or_none(text)
+
+
+def resolve_scale(cfg: RepoConfig, info: OnnxModelInfo) -> RepoConfig:
+    """``cfg`` with "model" replaced by the detector's training scale; a different explicit scale is
+    allowed (an experiment) but logged, since the detector then sees another scale than it learned."""
+    out = replace(
+        cfg,
+        pixel_mm=info.pixel_mm if cfg.pixel_mm == MODEL_SCALE else cfg.pixel_mm,
+        context_mm=info.context_mm if cfg.context_mm == MODEL_SCALE else cfg.context_mm,
+    )
+    if (out.pixel_mm, out.context_mm) != (info.pixel_mm, info.context_mm):
+        log.warning("serving at pixel_mm=%s, context_mm=%s; the detector was trained at %s, %s",
+                    out.pixel_mm, out.context_mm, info.pixel_mm, info.context_mm)  # fmt: skip
+    return out
 
 
 @dataclass
@@ -76,9 +98,10 @@ class RepoConfig:
     ort_max_run_batch: int = 8
     window: str = "lung"
     # physical scale of the detector's input (preprocess_backend Options.pixel_mm / context_mm): one
-    # pixel size in mm and the 2.5D plane offset in mm; None: letterbox the matrix / neighbour slices
-    pixel_mm: float | None = field(default_factory=lambda: Options().pixel_mm)
-    context_mm: float | None = field(default_factory=lambda: Options().context_mm)
+    # pixel size in mm and the 2.5D plane offset in mm; None: letterbox the matrix / neighbour slices;
+    # "model": the scale the detector was trained at (its ONNX metadata / checkpoint meta)
+    pixel_mm: float | str | None = MODEL_SCALE
+    context_mm: float | str | None = MODEL_SCALE
     score_threshold: float = 0.3
     nms_iou: float = 0.2
     min_size_mm: float = 1.5  # per-slice box bounds; the 3-30 mm rule is on 3D lesions (client)
@@ -354,6 +377,7 @@ def build_repository(
     else:
         info = inspect_onnx(onnx_path)
     check_consistency(info, cfg)
+    cfg = resolve_scale(cfg, info)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -514,10 +538,10 @@ def main(argv: list[str] | None = None) -> int:
     torch_group.add_argument("--torch-instance-kind", choices=("auto", "gpu", "cpu"), default="auto",
                              help="Triton instance kind of the torch detector (auto: gpu when it runs on CUDA)")  # fmt: skip
     parser.add_argument("--window", default="lung")
-    parser.add_argument("--pixel-mm", type=mm_or_none, default=Options().pixel_mm,
-                        help="detector pixel size in mm, 'none' to letterbox the matrix (default %(default)s)")
-    parser.add_argument("--context-mm", type=mm_or_none, default=Options().context_mm,
-                        help="2.5D plane offset in mm, 'none' for neighbouring slices (default %(default)s)")
+    parser.add_argument("--pixel-mm", type=scale_arg, default=MODEL_SCALE,
+                        help="detector pixel size in mm, 'none' to letterbox the matrix (default: the detector's training scale)")
+    parser.add_argument("--context-mm", type=scale_arg, default=MODEL_SCALE,
+                        help="2.5D plane offset in mm, 'none' for neighbouring slices (default: the detector's training scale)")
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--nms-iou", type=float, default=0.2)
     parser.add_argument("--if-stale", action="store_true", help="skip when inputs and settings are unchanged")

@@ -58,7 +58,14 @@ def _classes_from_weights(weights: dict[str, Any]) -> int:
 def export_checkpoint(checkpoint: Path, onnx_path: Path, variant: str | None = None, size: int | None = None) -> Path:
     model, meta = load_detector(checkpoint, variant)
     model.fuse()
-    return export_onnx(model, onnx_path, size=size or int(meta["model_size"]), in_channels=int(meta["in_channels"]))
+    return export_onnx(
+        model, onnx_path, size=size or int(meta["model_size"]), in_channels=int(meta["in_channels"]), scale=checkpoint_scale(meta)
+    )
+
+
+def checkpoint_scale(meta: dict[str, Any]) -> dict[str, float | None]:
+    """The training scale a checkpoint records (``TrainConfig.pixel_mm`` / ``context_mm``); none: native."""
+    return {"pixel_mm": meta.get("pixel_mm"), "context_mm": meta.get("context_mm")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +107,7 @@ def quantize_cli(args: argparse.Namespace, fp32: Path) -> Path:
     if not args.calibration_dir:
         raise ValueError("--int8 needs --calibration-dir (DICOM series drawn through preprocess_backend)")
     info = inspect_onnx(fp32)
-    options = Options(model_size=info.height, k=info.channels)
+    options = Options(model_size=info.height, k=info.channels, **info.scale())
     reader = DicomCalibrationReader(find_series_dirs(args.calibration_dir), options, args.calibration_slices)
     keep = tuple(args.keep_float or ()) + (() if args.quantize_head else DEFAULT_KEEP_FLOAT)
     # One calibration pass serves the sweep and the final model.

@@ -51,7 +51,7 @@ def ensure_cpu_int8(fp32: Path, phantom_root: Path) -> Path:
         return out
     info = inspect_onnx(fp32)
     reader = DicomCalibrationReader(
-        find_series_dirs(calibration_dir(phantom_root)), Options(model_size=info.height, k=info.channels), SLICES_PER_SERIES
+        find_series_dirs(calibration_dir(phantom_root)), Options(model_size=info.height, k=info.channels, **info.scale()), SLICES_PER_SERIES
     )
     result = quantize_int8(fp32, out, reader, QuantizeConfig(method=METHOD))
     log.info("INT8 detector %s (%s, %d calibration slices, %.0f s)", out, result.method, result.calibration_slices, result.seconds)

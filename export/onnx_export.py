@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("scores", "boxes")
+# The detector's input scale (preprocess_backend Options.pixel_mm / context_mm it was trained at),
+# kept in the ONNX metadata so every consumer (repository, evaluation, calibration) preprocesses at
+# the model's own scale. "none": native pixels / neighbouring slices; absent (older exports): the same.
+SCALE_KEYS = {"pixel_mm": "ctlesion.pixel_mm", "context_mm": "ctlesion.context_mm"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,12 @@ class OnnxModelInfo:
     num_classes: int
     num_anchors: int
     quantized: bool
+    pixel_mm: float | None = None  # the training scale (SCALE_KEYS); None: native pixels
+    context_mm: float | None = None  # None: neighbouring slices as 2.5D context
+
+    def scale(self) -> dict[str, float | None]:
+        """``Options`` overrides that preprocess at this model's training scale."""
+        return {"pixel_mm": self.pixel_mm, "context_mm": self.context_mm}
 
 
 def export_onnx(
@@ -41,6 +51,7 @@ def export_onnx(
     in_channels: int = 3,
     opset: int = 17,
     simplify: bool = True,
+    scale: dict[str, float | None] | None = None,
 ) -> Path:
     """Export a (fused, eval-mode) DamoYolo model; returns the path of the checked ONNX file."""
     import onnx
@@ -73,9 +84,40 @@ def export_onnx(
         proto = onnxslim.slim(proto)
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     onnx.checker.check_model(proto, full_check=True)
+    if scale is not None:
+        set_scale_metadata(proto, scale)
     onnx.save(proto, str(out_path))
     log.info("exported %s (opset %d, %s)", out_path, opset, "simplified" if simplify else "as traced")
     return out_path
+
+
+def set_scale_metadata(proto: object, scale: dict[str, float | None]) -> None:
+    """Write the training scale into an ONNX ModelProto's metadata_props (replacing older values)."""
+    props = proto.metadata_props  # type: ignore[attr-defined]
+    keep = [(p.key, p.value) for p in props if p.key not in SCALE_KEYS.values()]
+    del props[:]
+    for key, value in keep:
+        props.add(key=key, value=value)
+    for name, key in SCALE_KEYS.items():
+        value = scale.get(name)
+        props.add(key=key, value="none" if value is None else f"{float(value):g}")
+
+
+def read_scale_metadata(props: dict[str, str]) -> dict[str, float | None]:
+    """The training scale from an ONNX metadata map (absent keys: native, None)."""
+    from preprocess_backend.types import mm_or_none
+
+    return {name: mm_or_none(props.get(key, "none")) for name, key in SCALE_KEYS.items()}
+
+
+def copy_scale_metadata(src: Path, dst: Path) -> None:
+    """Carry the training scale from ``src`` to ``dst`` (quantization writes a new model without it)."""
+    import onnx
+
+    scale = read_scale_metadata({p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props})
+    proto = onnx.load(str(dst))
+    set_scale_metadata(proto, scale)
+    onnx.save(proto, str(dst))
 
 
 def inspect_onnx(path: Path) -> OnnxModelInfo:
@@ -106,6 +148,7 @@ def inspect_onnx(path: Path) -> OnnxModelInfo:
         num_classes=score_dims[2] if len(score_dims) == 3 else -1,
         num_anchors=score_dims[1] if len(score_dims) == 3 else -1,
         quantized=quantized,
+        **read_scale_metadata({p.key: p.value for p in proto.metadata_props}),
     )
 
 

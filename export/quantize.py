@@ -207,6 +207,9 @@ def quantize_int8(fp32_onnx: Path, out_path: Path, reader: object, config: Quant
         exclude = sorted(set(nodes_matching(pre, config.keep_float)) | set(config.nodes_to_exclude))
         log.info("quantizing %s (%s calibration), %d nodes kept in float", fp32_onnx, config.method, len(exclude))
         _quantize(pre, out_path, _ranges(pre, reader, config, Path(tmp)), config, exclude)
+    from ctlesion_export.onnx_export import copy_scale_metadata
+
+    copy_scale_metadata(Path(fp32_onnx), out_path)  # the INT8 model preprocesses at the same scale
     return QuantizeResult(
         path=out_path,
         method=config.method,

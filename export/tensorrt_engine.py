@@ -354,7 +354,7 @@ def _check_images(onnx_path: Path, check_dir: Path | None, count: int) -> np.nda
     from preprocess_backend.types import Options
 
     dirs = find_series_dirs(check_dir)
-    return load_images(dirs, Options(model_size=info.height, k=info.channels), max(1, count // max(len(dirs), 1)))[:count]
+    return load_images(dirs, Options(model_size=info.height, k=info.channels, **info.scale()), max(1, count // max(len(dirs), 1)))[:count]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -189,10 +189,15 @@ def probe_signature(checkpoint: Path, config: Any = None) -> Any:
 
 def model_info(checkpoint: Path) -> Any:
     """The detector's geometry (as ``inspect_onnx`` reports it for an ONNX) from one CPU probe run."""
+    import torch
+
+    from ctlesion_export.cli import checkpoint_scale
     from ctlesion_export.onnx_export import OnnxModelInfo
 
     sig = probe_signature(checkpoint, None)
     (images,), (scores, _) = sig.inputs, sig.outputs
     _, channels, height, width = images.shape
+    meta = torch.load(str(checkpoint), map_location="cpu", weights_only=False).get("meta") or {}
     return OnnxModelInfo(path=Path(checkpoint), channels=channels, height=height, width=width,
-                         num_classes=scores.shape[2], num_anchors=scores.shape[1], quantized=False)  # fmt: skip
+                         num_classes=scores.shape[2], num_anchors=scores.shape[1], quantized=False,
+                         **checkpoint_scale(meta))  # fmt: skip

@@ -127,7 +127,7 @@ def load_lesions(npz: np.lib.npyio.NpzFile) -> list[Lesion]:
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from damoyolo.evaluate import eval_options, onnx_predictor
+    from damoyolo.evaluate import onnx_predictor
 
     p = argparse.ArgumentParser(prog="python -m ctlesion_fpr.mining", description=__doc__.splitlines()[0])
     p.add_argument("--cases-dir", type=Path, required=True, help="phantom cases (DIR/<case>/series + truth.json)")
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     predict_fn, info = onnx_predictor(a.onnx)
-    options = eval_options(window=info.window, model_size=info.model_size, k=info.in_channels)
+    options = info.options()
     cases = sorted(d for d in a.cases_dir.iterdir() if (d / "truth.json").exists())
     if a.limit:
         cases = cases[: a.limit]

@@ -308,3 +308,27 @@ def test_a_replaced_checkpoint_is_re_exported_whatever_its_mtime(tmp_path: Path)
     os.utime(checkpoint, (old, old))  # older than the ONNX, as after `cp` or `git checkout` of an old commit
     assert export_if_changed(checkpoint, onnx_path, export_checkpoint)
     assert onnx_path.read_bytes() != first
+
+
+def test_the_served_scale_is_the_detectors_own(tmp_path: Path) -> None:
+    """A detector trained at physical scale carries it in its ONNX metadata; the repository serves it
+    (preprocess parameters), the client plans its halo from it, and INT8 keeps it."""
+    from ctlesion_client.slabs import RequestShape
+    from ctlesion_export.onnx_export import copy_scale_metadata
+
+    model = damoyolo.build_model("T", num_classes=1, in_channels=3)
+    model.fuse()
+    path = export_onnx(model, tmp_path / "phys.onnx", size=64, scale={"pixel_mm": 0.75, "context_mm": 1.25})
+    info = inspect_onnx(path)
+    assert (info.pixel_mm, info.context_mm) == (0.75, 1.25)
+    repo = build_repository(path, tmp_path / "repo", RepoConfig(target="cpu"))
+    params = {k: v.string_value for k, v in _load(repo / "preprocess" / "config.pbtxt").parameters.items()}
+    assert (params["pixel_mm"], params["context_mm"]) == ("0.75", "1.25")
+    assert RequestShape.from_repository(repo).context_mm == 1.25
+    native = build_repository(path, tmp_path / "native", RepoConfig(target="cpu", pixel_mm=None, context_mm=None))
+    params = {k: v.string_value for k, v in _load(native / "preprocess" / "config.pbtxt").parameters.items()}
+    assert (params["pixel_mm"], params["context_mm"]) == ("none", "none")  # an explicit experiment wins
+    old = _export(tmp_path, 64, name="old.onnx")  # an export without the metadata: native pixels
+    assert (inspect_onnx(old).pixel_mm, inspect_onnx(old).context_mm) == (None, None)
+    copy_scale_metadata(path, old)  # what quantize_int8 does to the INT8 model it writes
+    assert inspect_onnx(old).scale() == {"pixel_mm": 0.75, "context_mm": 1.25}

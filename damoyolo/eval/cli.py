@@ -12,7 +12,6 @@ from damoyolo.eval.evaluation import evaluate, format_report
 from damoyolo.eval.runner import (
     EVAL_SCORE_THRESHOLD,
     add_scale_arguments,
-    eval_options,
     onnx_predictor,
     scale_overrides,
     torch_predictor,
@@ -100,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     threshold = args.score_threshold
     if threshold is None:
         threshold = read_meta(fpr_onnx).candidate_threshold if fpr_onnx is not None else EVAL_SCORE_THRESHOLD
-    options = eval_options(
-        score_threshold=threshold, window=info.window, model_size=info.model_size, k=info.in_channels, **scale_overrides(args)
-    )
+    options = info.options(score_threshold=threshold, **scale_overrides(args, info))
     try:
         if args.data:
             from damoyolo.data import open_source, parse_folds

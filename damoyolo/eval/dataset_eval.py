@@ -25,7 +25,6 @@ from damoyolo.eval.plots import plot_froc
 from damoyolo.eval.runner import (
     ModelInfo,
     PredictFn,
-    eval_options,
     order_series,
     series_files,
 )
@@ -115,7 +114,7 @@ def evaluate_source(
     overlap = (folds or set()) & _trained_folds(info)
     if overlap and not allow_trained_folds:
         raise DataError(f"the checkpoint was trained or validated on fold(s) {sorted(overlap)}: not a held-out score")
-    options = options or eval_options(window=info.window, model_size=info.model_size, k=info.in_channels)
+    options = options or info.options()
     cases: list[Case] = list(source.cases(folds))
     if not cases:
         raise DataError(f"{source.name}: no scan in fold(s) {sorted(folds) if folds else 'all'}")

@@ -31,7 +31,6 @@ from damoyolo.eval.plots import plot_froc
 from damoyolo.eval.runner import (
     ModelInfo,
     PredictFn,
-    eval_options,
     onnx_predictor,
     run_detector_on_case,
     torch_predictor,
@@ -203,7 +202,7 @@ def evaluate(
         onnx = Path(model_path).suffix.lower() == ".onnx" if onnx is None else onnx
         predictor = onnx_predictor(Path(model_path)) if onnx else torch_predictor(Path(model_path), device)
     predict_fn, info = predictor
-    options = options or eval_options(window=info.window, model_size=info.model_size, k=info.in_channels)
+    options = options or info.options()
     case_dirs = ensure_cases(Path(cases_dir) if cases_dir else out_dir / "cases", cases, seed, progress, phantom_config)
 
     stage = FprStage(Path(fpr_onnx)) if fpr_onnx is not None else None

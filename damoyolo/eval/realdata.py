@@ -164,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     from damoyolo.eval.fpr_stage import FprStage
     from damoyolo.eval.runner import (
         add_scale_arguments,
-        eval_options,
         onnx_predictor,
         scale_overrides,
         torch_predictor,
@@ -191,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((f"shipped default: FPR ({stage.info.rule}), threshold {stage.info.operating_threshold:.3f}", stage,
                      LesionFilter(3.0, 30.0, stage.info.operating_threshold), stage.info.candidate_threshold))  # fmt: skip
     for title, st, rule, candidate in runs:
-        options = eval_options(
-            score_threshold=candidate, window=info.window, model_size=info.model_size, k=info.in_channels, **scale_overrides(a)
-        )
+        options = info.options(score_threshold=candidate, **scale_overrides(a, info))
         results = evaluate_real(series, predict_fn, options, st, rule)
         report[title] = [asdict(r) for r in results]
         texts.append(format_results(results, title))

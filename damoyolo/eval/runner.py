@@ -23,7 +23,7 @@ from preprocess_backend.lesions import link_lesions
 from preprocess_backend.pipeline import postprocess_slab, preprocess_slab
 from preprocess_backend.series import SeriesGeometry, assemble_headers
 from preprocess_backend.slabs import context_halo, plan_slabs
-from preprocess_backend.types import Detection, Lesion, Options, mm_or_none
+from preprocess_backend.types import Detection, Lesion, Options
 
 DEFAULT_CONTRACT = ModelContract()
 EVAL_SCORE_THRESHOLD = 0.05  # low, so the FROC curve reaches far enough to the right
@@ -37,16 +37,20 @@ def eval_options(**overrides: Any) -> Options:
 
 
 def add_scale_arguments(parser: Any) -> None:
-    """``--pixel-mm`` / ``--context-mm`` (``Options.pixel_mm`` / ``context_mm``; "none" turns one off)."""
-    d = Options()
-    parser.add_argument("--pixel-mm", type=mm_or_none, default=d.pixel_mm,
-                        help=f"model pixel size in mm, 'none' to letterbox the matrix (default {d.pixel_mm})")
-    parser.add_argument("--context-mm", type=mm_or_none, default=d.context_mm,
-                        help=f"2.5D channel offset in mm, 'none' for neighbouring slices (default {d.context_mm})")
+    """``--pixel-mm`` / ``--context-mm`` (``Options.pixel_mm`` / ``context_mm``): a length in mm,
+    "none", or by default "model": the scale the detector was trained at (``ModelInfo``)."""
+    from ctlesion_export.build_repo import MODEL_SCALE, scale_arg
+
+    parser.add_argument("--pixel-mm", type=scale_arg, default=MODEL_SCALE,
+                        help="model pixel size in mm, 'none' to letterbox the matrix (default: the detector's training scale)")
+    parser.add_argument("--context-mm", type=scale_arg, default=MODEL_SCALE,
+                        help="2.5D channel offset in mm, 'none' for neighbouring slices (default: the detector's training scale)")
 
 
-def scale_overrides(args: Any) -> dict[str, float | None]:
-    return {"pixel_mm": args.pixel_mm, "context_mm": args.context_mm}
+def scale_overrides(args: Any, info: ModelInfo) -> dict[str, float | None]:
+    """The scale to preprocess at: the command line's, else the model's own."""
+    model = {"pixel_mm": info.pixel_mm, "context_mm": info.context_mm}
+    return {k: model[k] if getattr(args, k) == "model" else getattr(args, k) for k in model}
 
 
 def _is_part10(path: Path) -> bool:
@@ -132,6 +136,14 @@ class ModelInfo:
     in_channels: int
     window: str = "lung"
     meta: dict[str, Any] = field(default_factory=dict)
+    pixel_mm: float | None = None  # the training scale (checkpoint meta / ONNX metadata); None: native
+    context_mm: float | None = None
+
+    def options(self, **overrides: Any) -> Options:
+        """``eval_options`` for this model: its size, k, window and training scale."""
+        base = {"window": self.window, "model_size": self.model_size, "k": self.in_channels,
+                "pixel_mm": self.pixel_mm, "context_mm": self.context_mm}  # fmt: skip
+        return eval_options(**{**base, **overrides})
 
 
 def torch_predictor(checkpoint: Path, device: str = "cpu", variant: str | None = None) -> tuple[PredictFn, ModelInfo]:
@@ -156,6 +168,8 @@ def torch_predictor(checkpoint: Path, device: str = "cpu", variant: str | None =
         in_channels=int(meta.get("in_channels", 3)),
         window=str(meta.get("window") or "lung"),
         meta={k: v for k, v in meta.items() if isinstance(v, str | int | float | bool | list | dict)},
+        pixel_mm=meta.get("pixel_mm"),
+        context_mm=meta.get("context_mm"),
     )
     return predict, info
 
@@ -177,4 +191,7 @@ def onnx_predictor(path: Path, threads: int = 0, window: str = "lung") -> tuple[
         scores, boxes = sess.run(["scores", "boxes"], {inp.name: np.ascontiguousarray(images, np.float32)})
         return scores, boxes
 
-    return predict, ModelInfo(source=str(path), backend="onnxruntime", model_size=size, in_channels=channels, window=window)
+    from ctlesion_export.onnx_export import read_scale_metadata
+
+    scale = read_scale_metadata(dict(sess.get_modelmeta().custom_metadata_map))
+    return predict, ModelInfo(source=str(path), backend="onnxruntime", model_size=size, in_channels=channels, window=window, **scale)
