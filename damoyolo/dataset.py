@@ -43,6 +43,8 @@ class CaseData:
     box_nodules: dict[int, list[int]] = field(default_factory=dict)  # slice -> index in truth.nodules per box
     z_mm: np.ndarray | None = None  # slice positions along the normal (for planes at mm offsets)
     context_mm: float | None = None
+    # original slice -> ``windowed`` grid (physical scale: the whole field of view, padded); None: native
+    transform: LetterboxTransform | None = None
     _planes: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def stack(self, k: int, s: int) -> np.ndarray:
@@ -54,6 +56,23 @@ class CaseData:
         for c in range(k):
             blend_plane(self.windowed, int(src[s, c, 0]), int(src[s, c, 1]), float(w[s, c]), out[c])
         return out
+
+    def served(self, image: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """[k, H, W] image and its boxes as the server gives them to a ``size`` model input: centred
+        as ``LetterboxTransform.physical`` centres at that size (cropped or padded); native as is."""
+        t = self.transform
+        if t is None or t.size == size:
+            return image, boxes
+        dx = t.pad_x - (size - t.new_w) // 2  # where the served window starts on this grid
+        dy = t.pad_y - (size - t.new_h) // 2
+        out = np.zeros((image.shape[0], size, size), image.dtype)
+        sx0, sy0 = max(0, dx), max(0, dy)
+        sx1, sy1 = min(image.shape[2], dx + size), min(image.shape[1], dy + size)
+        out[:, sy0 - dy : sy1 - dy, sx0 - dx : sx1 - dx] = image[:, sy0:sy1, sx0:sx1]
+        shifted = np.array(boxes, np.float32, copy=True).reshape(-1, 4)
+        shifted[:, 0::2] -= dx
+        shifted[:, 1::2] -= dy
+        return out, shifted
 
 
 MIN_TRAIN_SIZE = 256  # resampled slices are padded to at least this (the largest training crop)
@@ -89,7 +108,8 @@ def load_case(case_dir: Path, window: str = "lung", pixel_mm: float | None = Non
     # lung present: the anatomy mask (lowres) has lung pixels on the slice
     lung = np.flatnonzero((slab.meta.anatomy & LUNG).reshape(len(windowed), -1).any(1))
     boxes = {k: t.to_model(v).astype(np.float32) for k, v in truth_slice_boxes(truth).items()}
-    return CaseData(truth.case_id, windowed, boxes, lung, truth, truth_slice_nodules(truth), _z_mm(slab), context_mm)
+    physical = t if pixel_mm is not None and g.pixel_spacing is not None else None
+    return CaseData(truth.case_id, windowed, boxes, lung, truth, truth_slice_nodules(truth), _z_mm(slab), context_mm, physical)
 
 
 def _z_mm(slab) -> np.ndarray | None:  # noqa: ANN001 (a pipeline.Slab)
@@ -133,7 +153,8 @@ def load_source_case(
     truth = SeriesTruth(case.case_id, list(case.nodules), geometry, list(case.irrelevant))
     boxes = {k: t.to_model(v).astype(np.float32) for k, v in truth_slice_boxes(truth).items()}
     z_mm = geometry.z if len(geometry.z) > 1 else None
-    return CaseData(case.case_id, windowed, boxes, lung, truth, truth_slice_nodules(truth), z_mm, context_mm)
+    physical = t if pixel_mm is not None and geometry.pixel_spacing is not None else None
+    return CaseData(case.case_id, windowed, boxes, lung, truth, truth_slice_nodules(truth), z_mm, context_mm, physical)
 
 
 def ensure_cases(root: Path, seeds: Sequence[int], config: PhantomConfig | None = None) -> list[Path]:

@@ -179,7 +179,7 @@ class ValSet:
     boxes: list[np.ndarray]
 
     @classmethod
-    def build(cls, cases: Sequence[CaseData], k: int, max_slices: int, seed: int) -> ValSet:
+    def build(cls, cases: Sequence[CaseData], k: int, max_slices: int, seed: int, size: int = 512) -> ValSet:
         rng = np.random.default_rng(seed)
         picks: list[tuple[int, int]] = []
         for ci, case in enumerate(cases):
@@ -195,8 +195,10 @@ class ValSet:
         images, boxes = [], []
         for ci, s in picks:
             case = cases[ci]
-            images.append(case.stack(k, s))
-            boxes.append(case.boxes.get(s, np.zeros((0, 4), np.float32)))
+            # whole slices as the server sends them (physical scale: centred at the model's size)
+            image, b = case.served(case.stack(k, s), case.boxes.get(s, np.zeros((0, 4), np.float32)), size)
+            images.append(image)
+            boxes.append(b[(b[:, 2] > 0) & (b[:, 0] < size) & (b[:, 3] > 0) & (b[:, 1] < size)])
         return cls(np.stack(images), boxes)
 
 
@@ -349,7 +351,7 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
     sampler = CropSampler(
         train_cases, crop=cfg.crop, k=cfg.k, p_positive=cfg.p_positive, hard_weight=cfg.hard_weight
     )
-    val = ValSet.build(val_cases, cfg.k, cfg.val_slices_max, cfg.seed)
+    val = ValSet.build(val_cases, cfg.k, cfg.val_slices_max, cfg.seed, cfg.model_size)
     print(
         f"data: {len(train_cases)} training cases ({sampler.num_positive_slices} slices with nodules, "
         f"{sampler.num_hard_boxes} hard-nodule boxes weighted x{cfg.hard_weight:g}), "

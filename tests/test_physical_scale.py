@@ -154,3 +154,20 @@ def test_training_sees_what_the_server_sends(tmp_path) -> None:  # noqa: ANN001
     served = preprocess_slab(items, Options(pixel_mm=0.75, context_mm=1.25, image_dtype="uint8", model_size=256)).images
     for s in range(6):
         np.testing.assert_array_equal(case.stack(3, s), served[s])
+
+
+def test_validation_slices_are_the_served_window() -> None:
+    """Training keeps the whole resampled field of view; validation cuts the window the server sends."""
+    vol = _disc_volume(128, 1.0, 3, 8.0, (5.0, -3.0))
+    items = series_bytes(vol, spacing=(1.0, 1.0), slice_spacing=1.25)
+    options, t = scale_options(128, 128, (1.0, 1.0), "lung", 0.75)
+    from preprocess_backend.pipeline import decode_items, preprocess_decoded
+
+    one = preprocess_decoded(decode_items(items, options), options)
+    case = CaseData("c", np.ascontiguousarray(one.images[:, 0]), {}, np.arange(3), None, {}, None, None, t)  # type: ignore[arg-type]
+    box = t.to_model(np.array([[60.0, 50.0, 70.0, 62.0]]))
+    for size in (128, 320):
+        image, boxes = case.served(case.stack(3, 1), box, size)
+        served = preprocess_slab(items, Options(pixel_mm=0.75, image_dtype="uint8", model_size=size))
+        np.testing.assert_array_equal(image, served.images[1])
+        np.testing.assert_allclose(boxes, served.meta.transform(1).to_model(np.array([[60.0, 50.0, 70.0, 62.0]])), atol=1e-4)
