@@ -23,7 +23,7 @@ import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -31,7 +31,7 @@ import pydicom  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-from preprocess_backend.letterbox import block_mean, letterbox  # noqa: E402
+from preprocess_backend.letterbox import block_mean, letterbox, resample_uint8  # noqa: E402
 from preprocess_backend.masks import anatomy_mask  # noqa: E402
 from preprocess_backend.pipeline import (  # noqa: E402
     _lowres_hu_stored,
@@ -157,6 +157,10 @@ def run(n: int, repeat: int, size: int) -> PrePostResult:
     scores, boxes = detector_outputs(n, size)
     meta = preprocess_slab(items, opts).meta
 
+    physical = replace(opts, pixel_mm=0.75, context_mm=1.25)  # the scale a physically trained detector reads
+    t_phys = preprocess_slab(items[:1], physical).meta.transform(0)
+    out = np.empty((size, size), np.uint8)
+
     def channels() -> None:
         for c in (0, 2):
             for i in range(n):
@@ -176,6 +180,8 @@ def run(n: int, repeat: int, size: int) -> PrePostResult:
         "masks body + lung (1/8 grid)": lambda: anatomy_mask(lo),
         "preprocess_slab total, uint8 (served)": lambda: preprocess_slab(items, opts),
         "preprocess_slab total, float32 (training)": lambda: preprocess_slab(items, Options(model_size=size)),
+        "preprocess_slab total, uint8, physical scale": lambda: preprocess_slab(items, physical),
+        "  resample 0.7 -> 0.75 mm pixels (sparse)": lambda: [resample_uint8(images[i, 1], t_phys, out) for i in range(n)],
         "  reference: the float path it replaced": lambda: _reference_preprocess(items, size),
         f"  letterbox {size}->384 (not used at {size})": lambda: letterbox(np.stack([s.modality_values() for s in ordered]), 384),
         "NMS (batched, 50 candidates / slice)": lambda: batched_threshold_nms(scores, boxes, 0.3, 0.2, 100),

@@ -166,23 +166,34 @@ def letterbox(
     return out, t
 
 
+@lru_cache(maxsize=32)
+def _sparse_weights(src: int, dst: int) -> object:
+    """``_weights`` as a CSR matrix: 2-3 taps a row, so the separable passes cost O(taps), not O(src)."""
+    from scipy import sparse
+
+    return sparse.csr_matrix(_weights(src, dst))
+
+
 def resample_uint8(image: np.ndarray, t: LetterboxTransform, out: np.ndarray, pad_value: int = 0) -> np.ndarray:
     """uint8 [H, W] -> ``out`` uint8 [size, size] through ``t`` (pads and crops alike).
 
-    Pillow's separable triangle filter (antialiased when shrinking: the same filter and pixel-centre
-    convention as ``resize``, within one grey level), one C pass, ~0.5 ms for 512 x 512 (the dense
-    ``resize`` takes ~4 ms). The whole slice is resampled, then cut: a crop gives exactly the pixels
-    of the uncropped grid (what training samples from, ``damoyolo.dataset``).
+    ``resize``'s separable triangle filter (antialiased when shrinking), as sparse matrices: ~0.6 ms
+    for 512 x 512 on one core where the dense ``resize`` takes ~4 ms and Pillow's ~1.1 ms. Rounded
+    half up like the letterbox path. The whole slice is resampled, then cut: a crop gives exactly the
+    pixels of the uncropped grid (what training samples from, ``damoyolo.dataset``).
     """
-    from PIL import Image
-
     if t.is_identity:
         np.copyto(out, image)
         return out
-    full = np.asarray(Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).resize((t.new_w, t.new_h), Image.Resampling.BILINEAR))
+    h, w = image.shape
+    rows = _sparse_weights(h, t.new_h) @ image.astype(np.float32)  # [new_h, W]
+    full = (_sparse_weights(w, t.new_w) @ rows.T).T  # [new_h, new_w]
     ox0, oy0 = max(0, t.pad_x), max(0, t.pad_y)
     ox1, oy1 = min(t.size, t.pad_x + t.new_w), min(t.size, t.pad_y + t.new_h)
     if (ox0, oy0, ox1, oy1) != (0, 0, t.size, t.size):
         out[...] = pad_value
-    out[oy0:oy1, ox0:ox1] = full[oy0 - t.pad_y : oy1 - t.pad_y, ox0 - t.pad_x : ox1 - t.pad_x]
+    part = full[oy0 - t.pad_y : oy1 - t.pad_y, ox0 - t.pad_x : ox1 - t.pad_x]
+    part += np.float32(0.5)
+    np.clip(part, 0, 255, out=part)
+    out[oy0:oy1, ox0:ox1] = part  # truncation after +0.5: round half up
     return out
