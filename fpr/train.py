@@ -185,7 +185,7 @@ def train(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ctlesion_fpr.train", description=__doc__.splitlines()[0])
-    p.add_argument("--train", type=Path, required=True, help="mined training cubes (python -m ctlesion_fpr.mining --augment)")
+    p.add_argument("--train", type=Path, help="mined training cubes (python -m ctlesion_fpr.mining --augment); not needed with --epochs 0")
     p.add_argument("--val", action="append", required=True, metavar="MINED_DIR:CASES_DIR",
                    help="mined validation cases and the phantom cases (truth.json) they come from; repeatable")  # fmt: skip
     p.add_argument("--out", type=Path, required=True)
@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", type=Path, help="with --epochs 0: calibrate this FPR checkpoint on --val (rule, thresholds) and release it")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    train_set = load_training(a.train)
+    if a.train is None and a.epochs > 0:
+        p.error("training (--epochs > 0) needs --train")
+    train_set = load_training(a.train) if a.train is not None else None
     val_cases = [c for spec in a.val for c in load_eval(*(Path(x) for x in spec.split(":", 1)))]
     log.info("validation: %d series", len(val_cases))
     if a.epochs > 0:
@@ -216,7 +218,13 @@ def main(argv: list[str] | None = None) -> int:
 
         net, init_meta = load_checkpoint(a.init)
         a.width = int(init_meta.get("width", a.width))
+        if train_set is None:  # recalibration only (e.g. for another detector): the cube geometry it was trained on
+            from preprocess_backend.cubes import CubeSpec
+
+            spec, train_cubes = CubeSpec.from_dict(init_meta["cube"]), int(init_meta.get("train_cubes", 0))
         best = max(validate(net, val_cases, 0, a.max_fp_per_scan), key=lambda v: v.cpm)
+    if train_set is not None:
+        spec, train_cubes = train_set.spec, int(train_set.label.size)
     log.info("best: %s", best.to_dict())
     candidate, table = choose_candidate_threshold(net, val_cases, best, a.max_fp_per_scan, a.candidate_threshold)
     for row in table:
@@ -226,12 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     log.info("chosen candidate threshold %.2f, operating point %s", candidate, best.to_dict())
     if a.release:
         meta = {
-            "cube": train_set.spec.to_dict(), "rule": best.rule, "operating_threshold": round(best.threshold, 4),
+            "cube": spec.to_dict(), "rule": best.rule, "operating_threshold": round(best.threshold, 4),
             "candidate_threshold": candidate, "candidate_thresholds": table, "width": a.width, "validation": best.to_dict(),
-            "max_fp_per_scan": a.max_fp_per_scan, "train_cubes": int(train_set.label.size),
+            "max_fp_per_scan": a.max_fp_per_scan, "train_cubes": train_cubes,
         }
         save_checkpoint(net, a.release, meta)
-        export_onnx(net, a.release.with_suffix(".onnx"), train_set.spec.shape, meta)
+        export_onnx(net, a.release.with_suffix(".onnx"), spec.shape, meta)
         log.info("released %s and %s", a.release, a.release.with_suffix(".onnx"))
     return 0
 

@@ -50,7 +50,8 @@ def test_mine_train_calibrate_release(small_case: Path, detector_onnx: Path, tmp
     probs = FprPredictor(release.with_suffix(".onnx"))(train.cubes[:5])
     assert probs.shape == (5,) and np.all((probs >= 0) & (probs <= 1))
     # calibrating the released checkpoint again on the same validation gives the same operating point
-    rc = train_main(["--train", str(tmp_path / "train"), "--val", f"{tmp_path / 'val'}:{small_case.parent}",
+    # (recalibration for another detector needs only its mined validation cubes: no --train)
+    rc = train_main(["--val", f"{tmp_path / 'val'}:{small_case.parent}",
                      "--out", str(tmp_path / "cal"), "--epochs", "0", "--init", str(release), "--release", str(tmp_path / "again.pt")])  # fmt: skip
     assert rc == 0
     again = read_meta(tmp_path / "again.onnx")
