@@ -149,7 +149,8 @@ def client_slabs(series_dir: Path, repository: Path, slab_size: int | None = Non
     from ctlesion_client.slabs import RequestShape
 
     shape = RequestShape.from_repository(repository)
-    options = ClientOptions(k=shape.k, slab_size=slab_size or RequestShape(shape.k, shape.max_batch_size).slab_size())
+    options = ClientOptions(k=shape.k, context_mm=shape.context_mm,
+                            slab_size=slab_size or RequestShape(shape.k, shape.max_batch_size).slab_size())
     prepared = prepare_series(series_dir, options)
     slabs = [prepared.slab_bytes(plan) for plan in prepared.plans]
     full = max(len(s) for s in slabs)

@@ -128,7 +128,7 @@ def choose_candidate_threshold(net: FprNet, cases: list[EvalCase], best: Validat
 
 def train(
     train_set: CubeSet, val_cases: list[EvalCase], out_dir: Path, epochs: int, steps_per_epoch: int, batch_size: int,
-    lr: float, seed: int, max_fp: float, width: int, threads: int, select: str = "best",
+    lr: float, seed: int, max_fp: float, width: int, threads: int, select: str = "best", init: FprNet | None = None,
 ) -> tuple[FprNet, ValidationResult, list[ValidationResult]]:
     """``select``: ``best`` keeps the epoch of the best validation CPM, ``last`` the final one (the
     operating point is then chosen on the whole validation set by ``calibrate``)."""
@@ -145,7 +145,7 @@ def train(
     w = np.nan_to_num(train_set.det_score[neg], nan=0.05) + 0.1
     w /= w.sum()
     log.info("training cubes: %d nodule, %d false positive", pos.size, neg.size)
-    net = FprNet(width=width)
+    net = init.train() if init is not None else FprNet(width=width)  # fine-tune a released model, or from scratch
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.05, final_div_factor=20)
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidate-threshold", type=float, default=0.05, help="the detector score threshold the candidates were mined at")
     p.add_argument("--release", type=Path, help="write the checkpoint (.pt) here and the served ONNX beside it")
     p.add_argument("--select", choices=("best", "last"), default="best", help="epoch kept: best validation CPM or the last")
-    p.add_argument("--init", type=Path, help="with --epochs 0: calibrate this FPR checkpoint on --val (rule, thresholds) and release it")
+    p.add_argument("--init", type=Path, help="an FPR checkpoint: with --epochs 0 calibrated on --val (rule, thresholds) and released; "
+                   "with --epochs > 0 the starting point of the training (fine-tuning)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if a.train is None and a.epochs > 0:
@@ -209,8 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     val_cases = [c for spec in a.val for c in load_eval(*(Path(x) for x in spec.split(":", 1)))]
     log.info("validation: %d series", len(val_cases))
     if a.epochs > 0:
+        start = None
+        if a.init is not None:
+            from ctlesion_fpr.model import load_checkpoint
+
+            start, init_meta = load_checkpoint(a.init)
+            a.width = int(init_meta.get("width", a.width))
         net, best, _ = train(train_set, val_cases, a.out, a.epochs, a.steps_per_epoch, a.batch_size, a.lr, a.seed,
-                             a.max_fp_per_scan, a.width, a.threads, a.select)  # fmt: skip
+                             a.max_fp_per_scan, a.width, a.threads, a.select, start)  # fmt: skip
     else:
         if a.init is None:
             p.error("--epochs 0 needs --init")
