@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 _METRICS_BEFORE = """# TYPE nv_inference_request_success counter
 nv_inference_request_success{model="detector",version="1"} 2
 nv_inference_request_failure{model="detector",reason="BACKEND",version="1"} 0
@@ -209,7 +211,9 @@ def test_bench_preprocess_prints_every_stage_and_the_ratios(tmp_path: Path) -> N
     from ctlesion_bench import bench_preprocess
 
     result = bench_preprocess.run(4, 1, 128)
-    assert {"parse (pydicom dcmread)", "preprocess_slab total, uint8 (served)", "postprocess_findings -> tensors (served)"} <= set(result.ms_per_slice)
+    assert {"parse (pydicom dcmread)", "preprocess_slab total, uint8, physical (served)", "preprocess_slab total, uint8, native grid",
+            "postprocess_findings -> tensors (served)"} <= set(result.ms_per_slice)
+    assert result.preprocess_ms == result.ms_per_slice["preprocess_slab total, uint8, physical (served)"]
     assert all(v >= 0 for v in result.ms_per_slice.values())
     assert result.preprocess_ratio == result.preprocess_ms / result.parse_ms
     md = tmp_path / "RESULTS.md"
@@ -217,6 +221,16 @@ def test_bench_preprocess_prints_every_stage_and_the_ratios(tmp_path: Path) -> N
     bench_preprocess.main(["--slices", "4", "--repeat", "1", "--size", "128", "--results", str(md)])
     text = md.read_text()
     assert "old" not in text and "kept" in text and "x parse" in text and text.count("## Preprocess and postprocess") == 1
+
+
+def test_bench_preprocess_headline_is_the_committed_detectors_scale() -> None:
+    """The headline total is the path build-repo serves: the scale the released checkpoint records."""
+    import torch
+
+    from ctlesion_bench import bench_preprocess
+
+    meta = torch.load(REPO / "models" / "ctlesion_damoyolo.pt", map_location="cpu", weights_only=False)["meta"]
+    assert (meta.get("pixel_mm"), meta.get("context_mm")) == (bench_preprocess.SERVED_PIXEL_MM, bench_preprocess.SERVED_CONTEXT_MM)
 
 
 @pytest.mark.slow

@@ -317,3 +317,27 @@ def test_torch_predictor_runs_a_fused_checkpoint(tmp_path: Path) -> None:
     scores, boxes = predict(np.zeros((2, 3, 64, 64), np.float32))
     anchors = 8 * 8 + 4 * 4 + 2 * 2  # strides 8, 16, 32
     assert isinstance(scores, np.ndarray) and scores.shape == (2, anchors, 1) and boxes.shape == (2, anchors, 4)
+
+
+def test_breakdown_by_the_scans_slice_thickness_and_pixel_size() -> None:
+    """A thick-slice scan's miss shows in its slice / pixel bin, at 4 FP/scan and at the shipped threshold."""
+    from dataclasses import replace
+
+    from damoyolo.eval.evaluation import operating_point_stats
+
+    thin, thick = replace(GEOMETRY, slice_thickness=1.0, pixel_spacing=(0.6, 0.6)), replace(GEOMETRY, slice_thickness=5.0, pixel_spacing=(0.9, 0.9))
+    a, b = _nodule(1, (20, 200, 200), 10.0), _nodule(1, (20, 200, 200), 10.0)
+    results = [
+        case_result([_at(a, 0.9)], CaseTruth(case_id="thin", seed=0, geometry=thin, nodules=[a])),
+        case_result([_lesion(FAR, 0.8)], CaseTruth(case_id="thick", seed=0, geometry=thick, nodules=[b])),
+    ]
+    assert (results[1].slice_mm, results[1].pixel_mm) == (5.0, 0.9)
+    bd = froc(results, bootstrap=0).breakdown
+    assert (bd["slice_mm"]["<=1.25"].detected, bd["slice_mm"]["<=1.25"].nodules) == (1, 1)
+    assert (bd["slice_mm"][">2.5"].detected, bd["slice_mm"][">2.5"].nodules) == (0, 1)
+    assert bd["pixel_mm"]["<0.7"].nodules == 1 and bd["pixel_mm"][">0.85"].nodules == 1 and bd["pixel_mm"]["0.7-0.85"].nodules == 0
+    op = operating_point_stats(results, 0.5)
+    assert op["by_scan"]["slice_mm"] == {
+        "<=1.25": {"nodules": 1, "detected": 1, "scans": 1, "false_positives": 0},
+        ">2.5": {"nodules": 1, "detected": 0, "scans": 1, "false_positives": 1},
+    }

@@ -18,6 +18,8 @@ from ctlesion_phantoms.config import PhantomConfig
 from ctlesion_phantoms.splits import TEST_SEED, split_of
 from ctlesion_phantoms.truth import CaseTruth
 from damoyolo.eval.froc import (
+    PIXEL_BINS_MM,
+    SLICE_BINS_MM,
     TARGET_FP_RATE,
     TARGET_MIN_DIAMETER_MM,
     CaseResult,
@@ -26,6 +28,7 @@ from damoyolo.eval.froc import (
     froc,
     json_num,
     rate_label,
+    scale_bin,
 )
 from damoyolo.eval.plots import plot_froc
 from damoyolo.eval.runner import (
@@ -238,6 +241,16 @@ def operating_point_stats(results: list[CaseResult], threshold: float, min_diame
         fp = sum(1 for i, s in enumerate(m.lesion_scores) if s >= threshold and m.lesion_nodule[i] is None and not m.ignored(i))
         per_case.append((hit, len(nod), fp))
     arr = np.asarray(per_case, dtype=np.float64).reshape(-1, 3)
+    by_scan: dict[str, dict[str, dict[str, float]]] = {}  # the same counts by the scans' slice / pixel size
+    for kind, bins in (("slice_mm", SLICE_BINS_MM), ("pixel_mm", PIXEL_BINS_MM)):
+        groups: dict[str, dict[str, float]] = {}
+        for r, (hit, n, fp) in zip(results, per_case, strict=True):
+            g = groups.setdefault(scale_bin(getattr(r, kind), bins), {"nodules": 0, "detected": 0, "scans": 0, "false_positives": 0})
+            g["nodules"] += n
+            g["detected"] += hit
+            g["scans"] += 1
+            g["false_positives"] += fp
+        by_scan[kind] = {b: groups[b] for b in [name for name, _ in bins] + ["unknown"] if b in groups}
 
     def stats(a: np.ndarray) -> tuple[float, float]:
         return float(a[:, 0].sum() / max(a[:, 1].sum(), 1)), float(a[:, 2].sum() / max(len(a), 1))
@@ -249,7 +262,7 @@ def operating_point_stats(results: list[CaseResult], threshold: float, min_diame
         "threshold": round(float(threshold), 4), "sensitivity": round(sens, 4), "fp_per_scan": round(fps, 3),
         "sensitivity_ci95": [round(float(v), 4) for v in np.percentile(boot[:, 0], [2.5, 97.5])],
         "fp_per_scan_ci95": [round(float(v), 3) for v in np.percentile(boot[:, 1], [2.5, 97.5])],
-        "nodules": int(arr[:, 1].sum()), "scans": len(arr),
+        "nodules": int(arr[:, 1].sum()), "scans": len(arr), "by_scan": by_scan,
     }
 
 
@@ -283,6 +296,10 @@ def format_report(report: EvaluationReport) -> str:
         lines.append(f"at the shipped threshold {op['threshold']:.3f} ({how}): sensitivity {op['sensitivity']:.3f} "
                      f"[{op['sensitivity_ci95'][0]:.3f}, {op['sensitivity_ci95'][1]:.3f}], {op['fp_per_scan']:.2f} FP/scan "
                      f"[{op['fp_per_scan_ci95'][0]:.2f}, {op['fp_per_scan_ci95'][1]:.2f}] ({op['nodules']} nodules, {op['scans']} scans)")  # fmt: skip
+        for kind, groups in op.get("by_scan", {}).items():
+            cells = ", ".join(f"{b} {g['detected']}/{g['nodules']} ({g['scans']} scans, {g['false_positives'] / g['scans']:.2f} FP/scan)"
+                              for b, g in groups.items())  # fmt: skip
+            lines.append(f"  by {kind:<9} {cells}")
     lines.append(f"target (CPM >= 0.90 and sensitivity >= 0.95 at 4 FP/scan, nodules >= 4 mm): {'met' if report.target_met else 'NOT met'}")
     return "\n".join(lines)
 

@@ -24,6 +24,9 @@ FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # LUNA16's
 TARGET_FP_RATE = 4.0  # the model card's sensitivity target is read here
 TARGET_MIN_DIAMETER_MM = 4.0  # the model card's target counts nodules >= 4 mm
 SIZE_BINS_MM: tuple[tuple[float, float], ...] = ((3.0, 4.0), (4.0, 6.0), (6.0, 10.0), (10.0, 20.0), (20.0, 30.0))
+# scan geometry bins (upper bounds inclusive): thin / standard / thick reconstructions, fine / typical / coarse pixels
+SLICE_BINS_MM: tuple[tuple[str, float], ...] = (("<=1.25", 1.25), ("1.25-2.5", 2.5), (">2.5", math.inf))
+PIXEL_BINS_MM: tuple[tuple[str, float], ...] = (("<0.7", 0.7 - 1e-9), ("0.7-0.85", 0.85), (">0.85", math.inf))
 MAX_CANDIDATES_PER_SCAN = 100  # LUNA16 scores at most 100 candidates per scan
 
 
@@ -34,6 +37,8 @@ class CaseResult:
     case_id: str
     nodules: list[Any]  # NoduleLike
     match: MatchResult
+    slice_mm: float | None = None  # the scan's slice thickness (else spacing), for the breakdown
+    pixel_mm: float | None = None  # its in-plane pixel size
 
     @property
     def scores(self) -> np.ndarray:
@@ -56,7 +61,18 @@ def case_result(
     if max_candidates is not None:
         kept = kept[:max_candidates]
     irr = tuple(getattr(truth, "irrelevant", ()) if irrelevant is None else irrelevant)
-    return CaseResult(truth.case_id, list(truth.nodules), match_lesions(kept, truth, radius_scale, irr))
+    slice_mm, pixel_mm = _scan_scale(getattr(truth, "geometry", None))
+    return CaseResult(truth.case_id, list(truth.nodules), match_lesions(kept, truth, radius_scale, irr), slice_mm, pixel_mm)
+
+
+def _scan_scale(geometry: Any) -> tuple[float | None, float | None]:
+    """(slice thickness or spacing, pixel size) in mm of a truth's geometry, None where unknown."""
+    if geometry is None:
+        return None, None
+    thickness = getattr(geometry, "slice_thickness", None) or getattr(geometry, "slice_spacing", None)
+    spacing = getattr(geometry, "pixel_spacing", None)
+    pixel = float(min(spacing)) if spacing is not None and len(spacing) else None
+    return (float(thickness) if thickness else None), pixel
 
 
 @dataclass
@@ -199,17 +215,17 @@ def froc(
     """
     rates = tuple(float(r) for r in fp_rates)
     tp_scores, tp_case, fp_scores, fp_case = [], [], [], []
-    counted: list[tuple[Any, float]] = []  # (nodule, best score or NaN), nodules that count
-    all_nodules: list[tuple[Any, float]] = []
+    counted: list[tuple[Any, float, CaseResult]] = []  # (nodule, best score or NaN, its scan), nodules that count
+    all_nodules: list[tuple[Any, float, CaseResult]] = []
     candidates = 0
     for ci, cr in enumerate(case_results):
         m = cr.match
         candidates += len(m.lesion_scores)
         for n in cr.nodules:
             best = m.nodule_best_score.get(n.nodule_id, math.nan)
-            all_nodules.append((n, best))
+            all_nodules.append((n, best, cr))
             if n.diameter_mm >= min_diameter_mm:
-                counted.append((n, best))
+                counted.append((n, best, cr))
                 tp_scores.append(best)
                 tp_case.append(ci)
         for li, (s, hits) in enumerate(zip(m.lesion_scores, m.lesion_hits, strict=True)):
@@ -258,21 +274,31 @@ def _size_bin(d: float) -> str:
     return f"<{SIZE_BINS_MM[0][0]:g}" if d < SIZE_BINS_MM[0][0] else f">{SIZE_BINS_MM[-1][1]:g}"
 
 
+def scale_bin(value: float | None, bins: Sequence[tuple[str, float]]) -> str:
+    if value is None:
+        return "unknown"
+    return next(name for name, upper in bins if value <= upper)
+
+
 def _breakdown(
-    counted: list[tuple[Any, float]], all_nodules: list[tuple[Any, float]], threshold: float
+    counted: list[tuple[Any, float, CaseResult]], all_nodules: list[tuple[Any, float, CaseResult]], threshold: float
 ) -> dict[str, dict[str, GroupSensitivity]]:
-    def tally(pairs: list[tuple[Any, float]], key: Callable[[Any], str], order: Sequence[str]) -> dict[str, GroupSensitivity]:
+    def tally(
+        pairs: list[tuple[Any, float, CaseResult]], key: Callable[[Any, CaseResult], str], order: Sequence[str]
+    ) -> dict[str, GroupSensitivity]:
         groups = {name: GroupSensitivity(0, 0) for name in order}
-        for n, best in pairs:
-            g = groups.setdefault(key(n), GroupSensitivity(0, 0))
+        for n, best, cr in pairs:
+            g = groups.setdefault(key(n, cr), GroupSensitivity(0, 0))
             g.nodules += 1
             g.detected += int(math.isfinite(best) and best >= threshold)
         return groups
 
     return {
-        "size_mm": tally(all_nodules, lambda n: _size_bin(n.diameter_mm), [f"{lo:g}-{hi:g}" for lo, hi in SIZE_BINS_MM]),
-        "type": tally(counted, lambda n: getattr(n, "type", "unknown"), NODULE_TYPES),
-        "attachment": tally(counted, lambda n: getattr(n, "attachment", "unknown"), ATTACHMENTS),
+        "size_mm": tally(all_nodules, lambda n, _: _size_bin(n.diameter_mm), [f"{lo:g}-{hi:g}" for lo, hi in SIZE_BINS_MM]),
+        "type": tally(counted, lambda n, _: getattr(n, "type", "unknown"), NODULE_TYPES),
+        "attachment": tally(counted, lambda n, _: getattr(n, "attachment", "unknown"), ATTACHMENTS),
+        "slice_mm": tally(counted, lambda _, cr: scale_bin(cr.slice_mm, SLICE_BINS_MM), [b for b, _ in SLICE_BINS_MM]),
+        "pixel_mm": tally(counted, lambda _, cr: scale_bin(cr.pixel_mm, PIXEL_BINS_MM), [b for b, _ in PIXEL_BINS_MM]),
     }
 
 
