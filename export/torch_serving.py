@@ -197,7 +197,7 @@ def model_info(checkpoint: Path) -> Any:
     sig = probe_signature(checkpoint, None)
     (images,), (scores, _) = sig.inputs, sig.outputs
     _, channels, height, width = images.shape
-    meta = torch.load(str(checkpoint), map_location="cpu", weights_only=False).get("meta") or {}
+    meta = torch.load(str(checkpoint), map_location="cpu", weights_only=True).get("meta") or {}
     return OnnxModelInfo(path=Path(checkpoint), channels=channels, height=height, width=width,
                          num_classes=scores.shape[2], num_anchors=scores.shape[1], quantized=False,
                          **checkpoint_scale(meta))  # fmt: skip

@@ -649,8 +649,10 @@ def build_cases() -> list[BadCase]:
     return cases + contract_and_header_cases()
 
 
-def good_series(z: int = 4, size: int = 128, seed: int = 7) -> list[bytes]:
-    """A valid CT series (the request that must keep its answer while bad ones arrive)."""
+def good_series(z: int = 4, size: int = 256, seed: int = 7) -> list[bytes]:
+    """A valid CT series (the request that must keep its answer while bad ones arrive). 256 x 256 at
+    0.7 mm: a 180 mm field of view, so a detector that reads physical pixels still finds its 22 mm
+    nodule (a 128 matrix is a 90 mm toy chest that only a letterboxing detector magnified)."""
     from dicom_factory import Nodule, chest_phantom, phantom_series
 
     phantom = chest_phantom(

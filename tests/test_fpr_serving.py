@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
 def test_served_fpr_rescoring_equals_the_evaluation_pipeline(triton: object, phantom_case: Path, detector_onnx: Path, fpr_onnx: Path) -> None:
     from damoyolo.eval.fpr_stage import FprStage, second_stage
-    from damoyolo.eval.runner import eval_options, onnx_predictor, run_detector_on_case
+    from damoyolo.eval.runner import onnx_predictor, run_detector_on_case
 
     info = read_meta(fpr_onnx)
     with LesionClient(triton.grpc_url) as client:  # type: ignore[attr-defined]
@@ -30,7 +30,7 @@ def test_served_fpr_rescoring_equals_the_evaluation_pipeline(triton: object, pha
     assert all(les.max_score >= info.operating_threshold for les in served.lesions)
 
     predict, model = onnx_predictor(detector_onnx)
-    options = eval_options(score_threshold=info.candidate_threshold, window=model.window, model_size=model.model_size, k=model.in_channels)
+    options = model.options(score_threshold=info.candidate_threshold)  # the served model's window, size, k and scale
     _, candidates = run_detector_on_case(predict, phantom_case, options)
     local = second_stage(phantom_case, candidates, FprStage(fpr_onnx), LesionFilter(3.0, 30.0, info.operating_threshold))
     assert len(local) == len(served.lesions)

@@ -35,7 +35,7 @@ PATIENT = RetryPolicy(max_attempts=120, initial_backoff_s=0.25, max_backoff_s=1.
 
 def _series() -> list[bytes]:
     phantom = chest_phantom(
-        z=24, size=128, seed=11, nodules=[Nodule((8, 50, 40), 6), Nodule((16, 70, 90), 5)]
+        z=24, size=256, seed=11, nodules=[Nodule((8, 100, 80), 12), Nodule((16, 140, 180), 10)]  # 180 mm field of view
     )
     return phantom_series(phantom, shuffle_seed=5)
 
