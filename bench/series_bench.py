@@ -110,6 +110,7 @@ class SeriesBenchResult:
     server: ServerView | None = None
     detector_cpu_s_per_slice: float = 0.0  # at the best batch of the sweep before, spinning off as served
     detector_spinning: bool = True  # the faster onnxruntime setting for the detector alone
+    fpr: bool = True  # the client's second pass (3D false-positive reduction) ran; --no-fpr: first pass only
 
     @property
     def serving_cpu_s_per_slice(self) -> float:
@@ -147,7 +148,7 @@ def ensure_repository(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> SeriesBenchResult:
-    from ctlesion_client import ClientOptions, LesionClient
+    from ctlesion_client import ClientOptions, DetectOptions, LesionClient
     from ctlesion_client.server import TritonServer
     from ctlesion_client.slabs import RequestShape
     from ctlesion_export.onnx_export import inspect_onnx
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> SeriesBenchResult:
     result = SeriesBenchResult(
         command="python -m ctlesion_bench.series_bench " + shlex.join(argv), machine=Machine.here(), repository=str(repo),
         detector_onnx=str(onnx), slices=n_slices, slab_size=shape.slab_size(), k=shape.k or 3,
-        max_batch_size=shape.max_batch_size, concurrency=args.concurrency,
+        max_batch_size=shape.max_batch_size, concurrency=args.concurrency, fpr=not args.no_fpr,
     )  # fmt: skip
     x = images.astype(np.float32)
     sweeps = {spin: detector_sweep(onnx, x, batches, args.detector_repeat, spinning=spin) for spin in (True, False)}
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> SeriesBenchResult:
     result.detector_cpu_s_per_slice = detector_cpu_s_per_slice(onnx, x, best_batch, args.detector_repeat, spinning=False)
     with TritonServer(Path(repo), log_path=args.out / "tritonserver.log") as server:
         options = ClientOptions(concurrency=args.concurrency, client_timeout_s=600)
-        with LesionClient(server.grpc_url, options) as client:
+        with LesionClient(server.grpc_url, options, DetectOptions(fpr=not args.no_fpr)) as client:
             client.detect_series(series)  # warm-up: first requests load lazily imported code and arenas
             before = scrape(server.metrics_url)
             for _ in range(args.repeat):
@@ -207,7 +208,7 @@ def markdown(res: SeriesBenchResult) -> list[str]:
         "",
         f"A {res.slices}-slice phantom series through `LesionClient.detect_series` (served k = {res.k}, slabs of "
         f"{res.slab_size} + {2 * (res.k // 2)} halo = {sent} slices, detector max batch {res.max_batch_size}, "
-        f"{res.concurrency} slabs in flight), next to the served detector ONNX alone in-process:",
+        f"{res.concurrency} slabs in flight, {'with' if res.fpr else 'without'} the FPR second pass), next to the served detector ONNX alone in-process:",
         "",
         "| | seconds per series | series per minute | slices/s |",
         "|---|---:|---:|---:|",
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=2, help="timed series runs (after one warm-up run)")
     p.add_argument("--detector-repeat", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--no-fpr", action="store_true", help="first pass only (DetectOptions(fpr=False)): what the 3D false-positive reduction costs")
     p.add_argument("--out", type=Path, default=Path("work/bench/series"))
     p.add_argument("--results", type=str, default=str(RESULTS_MD), help="markdown file whose section is updated ('' = none)")
     return p
