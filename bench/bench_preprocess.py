@@ -157,9 +157,9 @@ def run(n: int, repeat: int, size: int) -> PrePostResult:
     scores, boxes = detector_outputs(n, size)
     meta = preprocess_slab(items, opts).meta
 
-    # the committed detector's scale (models/ctlesion_damoyolo.pt meta: pixel_mm 0.75, context_mm 1.25):
-    # what build-repo serves, so the headline total; the native-grid total is a letterbox-era detector's
-    physical = replace(opts, pixel_mm=SERVED_PIXEL_MM, context_mm=SERVED_CONTEXT_MM)
+    # the committed detector's scale (its checkpoint meta): what build-repo serves, so the headline
+    # total; the native-grid total is what a detector trained without a scale is served
+    physical = replace(opts, **served_scale())
     t_phys = preprocess_slab(items[:1], physical).meta.transform(0)
     out = np.empty((size, size), np.uint8)
 
@@ -200,7 +200,17 @@ def run(n: int, repeat: int, size: int) -> PrePostResult:
 
 
 SECTION = "## Preprocess and postprocess per slice"
-SERVED_PIXEL_MM, SERVED_CONTEXT_MM = 0.75, 1.25  # tests/test_bench_preprocess.py checks them against the checkpoint
+CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "ctlesion_damoyolo.pt"
+
+
+def served_scale(checkpoint: Path = CHECKPOINT) -> dict[str, float | None]:
+    """``pixel_mm`` / ``context_mm`` the committed detector records, as build-repo serves them."""
+    import torch
+
+    from ctlesion_export.cli import checkpoint_scale
+
+    return checkpoint_scale(torch.load(str(checkpoint), map_location="cpu", weights_only=True).get("meta") or {})
+
 PRE_TARGET_MS, PRE_TARGET_RATIO = 1.5, 4.0  # issue 16 item 1
 POST_TARGET_MS, POST_TARGET_RATIO = 0.5, 1.3
 
