@@ -324,7 +324,8 @@ def preprocess_decoded(slices: Sequence[DecodedSlice], options: Options) -> Slab
         hu = np.stack([s.modality_values() for s in ordered]) if z > 1 else ordered[0].modality_values()[None]
         hu_lo = _lowres_hu(hu, t, f)
     is_ct = all(s.is_ct for s in ordered)
-    anatomy = anatomy_mask(hu_lo) if is_ct else np.zeros(hu_lo.shape, dtype=np.uint8)
+    image_box = (lo.pad_y, lo.pad_y + lo.new_h, lo.pad_x, lo.pad_x + lo.new_w)  # the image on the canvas
+    anatomy = anatomy_mask(hu_lo, image_box=image_box) if is_ct else np.zeros(hu_lo.shape, dtype=np.uint8)
     np.clip(hu_lo, -32768, 32767, out=hu_lo)
 
     nan2, nan3, nan6 = (math.nan,) * 2, (math.nan,) * 3, (math.nan,) * 6

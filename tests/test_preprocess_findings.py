@@ -6,12 +6,13 @@ import math
 
 import numpy as np
 import pytest
-from dicom_factory import Nodule, chest_phantom
+from dicom_factory import Nodule, chest_phantom, series_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from preprocess_backend.lesions import classify_density, link_lesions
-from preprocess_backend.masks import anatomy_mask, body_mask, lung_mask
+from preprocess_backend.masks import LUNG, anatomy_mask, body_mask, lung_mask, outside_field
+from preprocess_backend.pipeline import preprocess_slab
 from preprocess_backend.postprocess import (
     centres_inside,
     mean_in_boxes,
@@ -20,7 +21,7 @@ from preprocess_backend.postprocess import (
     threshold_nms,
 )
 from preprocess_backend.series import SeriesGeometry
-from preprocess_backend.types import Detection
+from preprocess_backend.types import Detection, Options
 
 
 def _nms_reference(boxes: np.ndarray, scores: np.ndarray, thr: float) -> list[int]:
@@ -85,6 +86,57 @@ def test_masks_on_chest_phantom() -> None:
     assert not lung[:, 64, 64].any()  # mediastinum
     packed = anatomy_mask(ph.volume)
     assert packed.dtype == np.uint8 and packed[0, 64, 38] == 3 and packed[0, 64, 64] == 1
+
+
+def _cut_chest(padding_hu: float, size: int = 128, crop: int = 68) -> tuple[np.ndarray, int]:
+    """A chest whose field of view cuts both chest walls (a targeted reconstruction): the central
+    ``crop`` pixels of ``chest_phantom``, the corners outside the inscribed circle set to
+    ``padding_hu`` (-2048: PixelPaddingValue; -1024: a scanner that writes air there). Returns the
+    volume and the crop's offset in the full phantom."""
+    ph = chest_phantom(z=2, size=size, nodules=[Nodule((0, 64, 38), 4, 40.0)], noise=20)
+    o = (size - crop) // 2
+    vol = ph.volume[:, o : o + crop, o : o + crop].copy()
+    yy, xx = np.mgrid[:crop, :crop] + 0.5 - crop / 2
+    vol[:, yy**2 + xx**2 > (0.99 * crop / 2) ** 2] = padding_hu
+    return vol, o
+
+
+@pytest.mark.parametrize("padding_hu", [-2048.0, -3024.0, -1024.0])
+def test_lungs_are_found_when_the_field_of_view_cuts_the_body(padding_hu: float) -> None:
+    vol, o = _cut_chest(padding_hu)
+    lung = lung_mask(vol, body_mask(vol, outside=outside_field(vol)))
+    assert lung[0, 64 - o, 38 - o] and lung[0, 64 - o, 90 - o]  # the nodule and the other lung
+    assert lung[0, 64 - o, 36 - o]  # lung running off the edge of the field
+    assert not lung[:, 64 - o, 64 - o].any()  # mediastinum
+    assert not lung[:, 0, 0].any()  # beyond the circle
+    # without the field the cut lungs open onto the edge and count as air outside the patient:
+    # every detection in them would be dropped by the lung filter
+    assert not lung_mask(vol)[0, 64 - o, 38 - o]
+
+
+def test_cut_field_on_a_letterbox_canvas_is_found_through_preprocess() -> None:
+    vol, o = _cut_chest(-1024.0, size=256, crop=136)  # 136 px at 1.0 mm: a 136 mm field, canvas 0.75 mm
+    items = series_bytes(vol, spacing=(1.0, 1.0), slice_spacing=1.25)
+    slab = preprocess_slab(items, Options(pixel_mm=0.75, context_mm=1.25, image_dtype="uint8", model_size=256, lowres_factor=4))
+    t = slab.meta.lowres_transform(0)
+    for y, x in ((128 - o, 76 - o), (128 - o, 180 - o)):  # both lungs, in source pixels
+        (bx, by), = t.to_model(np.array([[x, y]], np.float64))
+        assert slab.meta.anatomy[:, int(by), int(bx)].min() & LUNG, (x, y)
+    mid = t.to_model(np.array([[128 - o, 128 - o]], np.float64))[0].astype(int)
+    assert not (slab.meta.anatomy[:, mid[1], mid[0]] & LUNG).any()
+
+
+def test_air_around_the_patient_stays_outside_when_the_field_touches_the_body() -> None:
+    """The body reaching the circle at both sides encloses the air above and below it with the
+    circle; that air (-1000 HU) is not lung, the parenchyma (-850) is."""
+    ph = chest_phantom(z=1, size=128, noise=5)
+    vol = ph.volume.copy()
+    yy, xx = np.mgrid[:128, :128] + 0.5 - 64
+    vol[:, yy**2 + xx**2 > 58**2] = -2048.0  # the circle cuts the 57.6 px half-width ellipse at the sides
+    packed = anatomy_mask(vol, downsample=1)
+    assert packed[0, 64, 38] & LUNG and packed[0, 64, 90] & LUNG
+    assert not packed[0, 64 - 52, 64] & LUNG and not packed[0, 64 + 52, 64] & LUNG  # air above / below
+    assert not packed[0, 64 - 52, 64]  # and not body either
 
 
 def _det(z: int, box: tuple[float, float, float, float], score: float = 0.9, hu: float = 30.0, cls: int = 0) -> Detection:
