@@ -61,23 +61,46 @@ class SeriesRun:
     lesions: int
     server_cpu_s: float = 0.0  # tritonserver and its stubs during this run
     client_cpu_s: float = 0.0  # this process (the client library) during this run
+    server_cpu_by_process: dict[str, float] = field(default_factory=dict)  # server_cpu_s by process_label
 
 
-def tree_cpu_s(root: int) -> float:
-    """utime + stime of ``root`` and its descendants (/proc), seconds."""
+def process_label(pid: int) -> str:
+    """Which part of the server a process is: a Python-backend stub by the model it runs (its
+    command line names ``<model>/<version>/model.py``; instances of one model add up), else its
+    executable's name."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    for a in argv:
+        path = Path(a.decode(errors="replace"))
+        if path.name == "model.py" and len(path.parts) >= 3:
+            return f"{path.parent.parent.name} stub"
+    return Path(argv[0].decode(errors="replace")).name or "?"
+
+
+def tree_cpu_by_process(root: int) -> dict[str, float]:
+    """utime + stime in seconds of ``root`` and its descendants (/proc), summed by ``process_label``."""
     import os
 
     from ctlesion_client.server import process_tree
 
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    out: dict[str, float] = {}
     for pid in process_tree(root):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
         except (OSError, ValueError, IndexError):
             continue
-    return total / tick
+        label = process_label(pid)
+        out[label] = out.get(label, 0.0) + ticks / tick
+    return out
+
+
+def tree_cpu_s(root: int) -> float:
+    """utime + stime of ``root`` and its descendants (/proc), seconds."""
+    return sum(tree_cpu_by_process(root).values())
 
 
 def detector_cpu_s_per_slice(onnx: Path, images: np.ndarray, batch: int, repeat: int, spinning: bool) -> float:
@@ -182,12 +205,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> SeriesBenchResult:
             client.detect_series(series)  # warm-up: first requests load lazily imported code and arenas
             before = scrape(server.metrics_url)
             for _ in range(args.repeat):
-                s0, c0, t0 = tree_cpu_s(server.process.pid), time.process_time(), time.perf_counter()  # type: ignore[arg-type]
+                s0, c0, t0 = tree_cpu_by_process(server.process.pid), time.process_time(), time.perf_counter()  # type: ignore[arg-type]
                 res = client.detect_series(series)
                 seconds, client_cpu = time.perf_counter() - t0, time.process_time() - c0
-                server_cpu = tree_cpu_s(server.process.pid) - s0  # type: ignore[arg-type]
+                s1 = tree_cpu_by_process(server.process.pid)  # type: ignore[arg-type]
+                by = {k: round(v - s0.get(k, 0.0), 2) for k, v in s1.items()}
                 result.runs.append(SeriesRun(round(seconds, 3), res.timings, res.num_slabs, len(res.lesions),
-                                             round(server_cpu, 2), round(client_cpu, 2)))  # fmt: skip
+                                             round(sum(by.values()), 2), round(client_cpu, 2), by))  # fmt: skip
                 log.info("series of %d slices: %.2f s", n_slices, result.runs[-1].seconds)
             result.server = diff(before, scrape_settled(server.metrics_url))
     result.detector_after = detector_sweep(onnx, x, batches, args.detector_repeat, spinning=result.detector_spinning)
@@ -228,6 +252,13 @@ def markdown(res: SeriesBenchResult) -> list[str]:
         f"{1e3 * statistics.median(r.client_cpu_s for r in res.runs) / res.slices:.1f} ms): the detector gets "
         f"**{res.cpu_ratio:.3f}** of the CPU serving uses, the wall-clock ratio an otherwise idle machine approaches.",
     ]
+    labels = sorted({k for r in res.runs for k in r.server_cpu_by_process})
+    if labels:
+        per = {k: statistics.median(r.server_cpu_by_process.get(k, 0.0) for r in res.runs) / res.slices for k in labels}
+        lines += ["", "Server CPU per slice by process (median of the timed runs; a stub's CPU is its model's Python and "
+                  "native work, tritonserver's is gRPC, the ensemble and the copies between steps):", "",
+                  "| process | CPU ms per slice |", "|---|---:|",
+                  *(f"| {k} | {1e3 * v:.1f} |" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v > 0)]  # fmt: skip
     if det is not None:
         lines += [
             "",

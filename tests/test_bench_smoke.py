@@ -243,4 +243,8 @@ def test_series_bench_tiny_run(cpu_repository: Path, small_series: Path, tmp_pat
     data = json.loads((tmp_path / "out" / "series_bench.json").read_text())
     assert data["k"] == 3 and data["max_batch_size"] == 32 and len(data["runs"]) == 1
     assert data["runs"][0]["server_cpu_s"] > 0
+    by = data["runs"][0]["server_cpu_by_process"]  # every step's stub and the server itself, by name
+    assert {"tritonserver", "preprocess stub", "detector stub", "postprocess stub"} <= set(by), by
+    assert by["detector stub"] > 0 and abs(sum(by.values()) - data["runs"][0]["server_cpu_s"]) < 0.05
     assert "## Series throughput through the client library" in md.read_text()
+    assert "| detector stub |" in md.read_text()
