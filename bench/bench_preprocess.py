@@ -143,8 +143,20 @@ def detector_outputs(n: int, size: int, hot: int = 50, seed: int = 0) -> tuple[n
     return scores, boxes
 
 
-def run(n: int, repeat: int, size: int) -> PrePostResult:
-    items = synthetic_series(n, size)
+def series_items(series_dir: Path, n: int) -> list[bytes]:
+    """``n`` consecutive slices from the middle of a DICOM series, in the order the client sends them
+    (by position along the normal, from headers: ``damoyolo.eval.runner.order_series``)."""
+    from damoyolo.eval.runner import order_series, series_files
+
+    files, _ = order_series(series_files(series_dir), Options())
+    start = max(0, (len(files) - n) // 2)
+    return [f.read_bytes() for f in files[start : start + n]]
+
+
+def run(n: int, repeat: int, size: int, series_dir: Path | None = None) -> PrePostResult:
+    """Every stage on ``n`` slices: the synthetic 0.7 mm chest, or with ``series_dir`` a real
+    series' own matrix, pixel size and spacing (what a client really sends)."""
+    items = synthetic_series(n, size) if series_dir is None else series_items(series_dir, n)
     opts = Options(model_size=size, image_dtype="uint8")  # what the preprocess model serves
     raws = [np.frombuffer(b, np.uint8) for b in items]
     deferred = decode_items(items, opts, with_hu=False)
@@ -152,7 +164,7 @@ def run(n: int, repeat: int, size: int) -> PrePostResult:
     images = preprocess_slab(items, opts).images
     work = np.empty((size, size), np.float32)
     lo = _lowres_hu_stored(ordered, 4)
-    assert lo is not None, "the synthetic series is integer CT: the stored-value low-res path applies"
+    assert lo is not None, "integer CT (slope 1): the stored-value low-res path applies"
     idx = stack_indices(n, 3)
     scores, boxes = detector_outputs(n, size)
     meta = preprocess_slab(items, opts).meta
@@ -183,7 +195,7 @@ def run(n: int, repeat: int, size: int) -> PrePostResult:
         "preprocess_slab total, uint8, native grid": lambda: preprocess_slab(items, opts),
         "preprocess_slab total, float32 (training)": lambda: preprocess_slab(items, Options(model_size=size)),
         "preprocess_slab total, uint8, physical (served)": lambda: preprocess_slab(items, physical),
-        "  resample 0.7 -> 0.75 mm pixels (sparse)": lambda: [resample_uint8(images[i, 1], t_phys, out) for i in range(n)],
+        f"  resample {ordered[0].pixel_spacing[0]:.3g} -> {physical.pixel_mm} mm pixels (sparse)": lambda: [resample_uint8(images[i, 1], t_phys, out) for i in range(n)],
         "  reference: the float path it replaced": lambda: _reference_preprocess(items, size),
         f"  letterbox {size}->384 (not used at {size})": lambda: letterbox(np.stack([s.modality_values() for s in ordered]), 384),
         "NMS (batched, 50 candidates / slice)": lambda: batched_threshold_nms(scores, boxes, 0.3, 0.2, 100),
@@ -224,12 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slices", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--series-dir", type=Path, default=None,
+                        help="a DICOM series (e.g. the series bench's phantom) instead of the synthetic 0.7 mm slices")
     parser.add_argument("--json", type=str, default=None, help="also write the numbers here")
     parser.add_argument("--results", type=str, default="", help="markdown file whose section this run rewrites (bench/RESULTS.md)")
     args = parser.parse_args(argv)
-    result = run(args.slices, args.repeat, args.size)
+    result = run(args.slices, args.repeat, args.size, args.series_dir)
     lines = [
-        f"per {args.size}x{args.size} CT slice, CPU time of one core, best of {args.repeat}, slab of {args.slices} "
+        f"per CT slice ({'synthetic 0.7 mm ' + str(args.size) + ' x ' + str(args.size) if args.series_dir is None else args.series_dir}), "
+        f"CPU time of one core, best of {args.repeat}, slab of {args.slices} "
         f"({platform.processor() or platform.machine()})",
         *(f"  {name:<48s} {value:8.3f} ms" for name, value in result.ms_per_slice.items()),
         f"preprocess  {result.preprocess_ms:.3f} ms = {result.preprocess_ratio:.2f} x parse "
@@ -245,8 +260,9 @@ def main(argv: list[str] | None = None) -> None:
 
         m = Machine.here()
         cmd = "python -m ctlesion_bench.bench_preprocess " + " ".join(argv if argv is not None else sys.argv[1:])
-        update_section(Path(args.results), SECTION, [
-            SECTION, "", f"`{cmd}` ({m.cpu_model}, {m.date_utc}, load average {m.loadavg_1m:.2f} at the start; CPU time, "
+        section = SECTION if args.series_dir is None else SECTION + ", on a served series"
+        update_section(Path(args.results), section, [
+            section, "", f"`{cmd}` ({m.cpu_model}, {m.date_utc}, load average {m.loadavg_1m:.2f} at the start; CPU time, "
             "so other processes' load inflates it little):", "", "```text", *lines, "```",
         ])  # fmt: skip
     if args.json:
@@ -254,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as fh:
             json.dump(
                 {
-                    "args": vars(args),
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "ms_per_slice": result.ms_per_slice,
                     "preprocess_ratio_to_parse": result.preprocess_ratio,
                     "postprocess_ratio_to_parse": result.postprocess_ratio,

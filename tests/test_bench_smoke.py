@@ -248,3 +248,19 @@ def test_series_bench_tiny_run(cpu_repository: Path, small_series: Path, tmp_pat
     assert by["detector stub"] > 0 and abs(sum(by.values()) - data["runs"][0]["server_cpu_s"]) < 0.05
     assert "## Series throughput through the client library" in md.read_text()
     assert "| detector stub |" in md.read_text()
+
+
+def test_bench_preprocess_runs_on_a_served_series(small_series: Path, tmp_path: Path) -> None:
+    """--series-dir: the stages on a real series' matrix, pixel size and spacing, in its own section."""
+    from ctlesion_bench import bench_preprocess
+
+    items = bench_preprocess.series_items(small_series, 3)
+    assert len(items) == 3
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n\n## Preprocess and postprocess per slice\n\nsynthetic kept\n")
+    bench_preprocess.main(["--slices", "3", "--repeat", "1", "--series-dir", str(small_series), "--results", str(md),
+                           "--json", str(tmp_path / "p.json")])  # fmt: skip
+    text = md.read_text()
+    assert "synthetic kept" in text and "## Preprocess and postprocess per slice, on a served series" in text
+    assert str(small_series) in text and "mm pixels (sparse)" in text
+    assert json.loads((tmp_path / "p.json").read_text())["args"]["series_dir"] == str(small_series)
