@@ -28,7 +28,7 @@ from ctlesion_client.slabs import SlabPlan, plan_slabs, request_slab_size
 from preprocess_backend.dicom_io import DecodedSlice, DicomHeader, decode_slice, read_header
 from preprocess_backend.errors import DicomInputError
 from preprocess_backend.lesions import link_lesions, midline_x_from_mask
-from preprocess_backend.masks import body_mask
+from preprocess_backend.masks import body_mask, outside_field
 from preprocess_backend.pipeline import detections_from_arrays
 from preprocess_backend.series import SeriesGeometry, assemble_series, series_key, slice_from_header
 from preprocess_backend.types import Detection, Options
@@ -484,7 +484,8 @@ def patient_midline_x(prepared: PreparedSeries) -> float | None:
     k = len(prepared.items) // 2
     item = prepared.items[k]
     try:
-        body = body_mask(decode_slice(item.read(), source=item.source).hu)
+        hu = decode_slice(item.read(), source=item.source).hu
+        body = body_mask(hu, outside=outside_field(hu))  # the server's rule: a cut field closes the body
         return midline_x_from_mask(body, prepared.geometry, slices=[k])
     except (DicomInputError, InvalidInputError):
         return None
