@@ -15,6 +15,7 @@ slice; thin end caps get no box), the same function evaluation scores against.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +200,10 @@ class CropSampler:
     # Hard examples: a box of a hard nodule (``is_hard``) is drawn this many times as often as
     # another; 1 = every positive slice equally likely (the stage-1 recipe).
     hard_weight: float = 1.0
+    # Per-nodule balance: a box's weight times (boxes of its nodule) ** -this. Drawn by slice, a 20 mm
+    # nodule on 0.75 mm slices has ~27 boxes and a 4 mm one ~5, so small nodules are seen 5x less
+    # often per nodule; 1 draws every nodule equally often, 0 every box (the earlier recipes).
+    nodule_balance: float = 0.0
     _positives: list[tuple[int, int]] = field(init=False, default_factory=list)
     _negatives: list[tuple[int, int]] = field(init=False, default_factory=list)
     _boxes: list[tuple[int, int, int]] = field(init=False, default_factory=list)  # (case, slice, box)
@@ -211,15 +216,16 @@ class CropSampler:
             self._positives += [(ci, k) for k in case.boxes]
             lung = case.lung_slices if len(case.lung_slices) else np.arange(len(case.windowed))
             self._negatives += [(ci, int(k)) for k in lung]
+            per_nodule = Counter(n for nodules in case.box_nodules.values() for n in nodules)
             for k, nodules in case.box_nodules.items():
                 for j, n in enumerate(nodules):
                     self._boxes.append((ci, k, j))
                     hard = is_hard(case.truth.nodules[n])
                     self.num_hard_boxes += hard
-                    weights.append(self.hard_weight if hard else 1.0)
+                    weights.append((self.hard_weight if hard else 1.0) * per_nodule[n] ** -self.nodule_balance)
         if not self._negatives:
             raise ValueError("no slices to sample from")
-        if self.hard_weight != 1.0 and weights:
+        if (self.hard_weight != 1.0 or self.nodule_balance != 0.0) and weights:
             w = np.asarray(weights, np.float64)
             self._hard_p = w / w.sum()
 

@@ -66,6 +66,7 @@ class TrainConfig:
     grad_clip: float = 10.0
     p_positive: float = 0.6
     hard_weight: float = 1.0  # juxtapleural / juxtavascular / < 8 mm nodules drawn this much more often
+    nodule_balance: float = 0.0  # box weights x (boxes of the nodule) ** -this: 1 = every nodule equally often
     window: str = "lung"
     k: int = 3
     model_size: int = 512
@@ -74,6 +75,9 @@ class TrainConfig:
     # more training cases: folders of generated cases (e.g. ``ctlesion phantom --profile wide``), each
     # case a subfolder with truth.json; they must come from training seeds (never validation / test)
     train_dirs: list[str] = field(default_factory=list)
+    # more validation cases for model selection (e.g. ``--profile wide`` from validation seeds), so the
+    # kept epoch is the best on the data the release is meant for, not on the 4 ``default`` series alone
+    val_dirs: list[str] = field(default_factory=list)
     # physical scale (preprocess_backend Options): the slices resampled to this pixel size, the 2.5D
     # channels planes at this offset in mm; None: native pixels / neighbouring slices. Recorded in
     # the released checkpoint's meta, so serving can check it runs the model at its training scale.
@@ -314,16 +318,16 @@ def load_data_cases(cfg: TrainConfig) -> tuple[list[CaseData], list[CaseData]]:
     return train_cases, val_cases
 
 
-def extra_train_dirs(folders: Sequence[str]) -> list[Path]:
-    """Case folders (subfolders with truth.json) under each of ``folders``; only training-range seeds."""
+def generated_case_dirs(folders: Sequence[str], split: str = "train") -> list[Path]:
+    """Case folders (subfolders with truth.json) under each of ``folders``; only seeds of ``split``'s range."""
     out = []
     for folder in folders:
         for d in sorted(Path(folder).iterdir()):
             if not (d / "truth.json").exists():
                 continue
             seed = json.loads((d / "truth.json").read_text()).get("seed")
-            if seed is None or splits.split_of(int(seed)) != "train":
-                raise DataError(f"{d}: seed {seed} is not in the training range (splits.TRAIN_SEED...)")
+            if seed is None or splits.split_of(int(seed)) != split:
+                raise DataError(f"{d}: seed {seed} is not in the {split} range (ctlesion_phantoms.splits)")
             out.append(d)
         if not out:
             raise DataError(f"{folder}: no generated cases (subfolders with truth.json)")
@@ -345,11 +349,13 @@ def train(cfg: TrainConfig, resume: bool = True, release: Path | None = None, qu
         phantom = PhantomConfig() if cfg.phantom_slices_max is None else PhantomConfig(slices_max=cfg.phantom_slices_max)
         train_dirs = ensure_cases(data / "train", [cfg.train_seed + i for i in range(cfg.train_cases)], phantom)
         val_dirs = ensure_cases(data / "validation", [cfg.val_seed + i for i in range(cfg.val_cases)], phantom)
-        train_dirs += extra_train_dirs(cfg.train_dirs)
+        train_dirs += generated_case_dirs(cfg.train_dirs)
+        val_dirs += generated_case_dirs(cfg.val_dirs, "validation")
         train_cases = load_cases(train_dirs, cfg.window, cfg.workers, cfg.pixel_mm, cfg.context_mm)
         val_cases = load_cases(val_dirs, cfg.window, cfg.workers, cfg.pixel_mm, cfg.context_mm)
     sampler = CropSampler(
-        train_cases, crop=cfg.crop, k=cfg.k, p_positive=cfg.p_positive, hard_weight=cfg.hard_weight
+        train_cases, crop=cfg.crop, k=cfg.k, p_positive=cfg.p_positive, hard_weight=cfg.hard_weight,
+        nodule_balance=cfg.nodule_balance,
     )
     val = ValSet.build(val_cases, cfg.k, cfg.val_slices_max, cfg.seed, cfg.model_size)
     print(
@@ -474,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=d.out_dir, help="last.pt (resume), best.pt, summary.json")
     p.add_argument("--train-dir", action="append", default=[], dest="train_dirs", metavar="DIR",
                    help="more generated training cases (e.g. ctlesion phantom --profile wide --seed 100000 ...); repeatable")
+    p.add_argument("--val-dir", action="append", default=[], dest="val_dirs", metavar="DIR",
+                   help="more generated validation cases for model selection (validation seeds); repeatable")
+    p.add_argument("--val-slices-max", type=int, default=d.val_slices_max,
+                   help="whole slices validated per epoch (nodule slices first, as many lung-only ones)")
     p.add_argument("--pixel-mm", type=mm_or_none, default=d.pixel_mm, help=f"model pixel size in mm, 'none': native (default {d.pixel_mm})")
     p.add_argument("--context-mm", type=mm_or_none, default=d.context_mm,
                    help=f"2.5D plane offset in mm, 'none': neighbouring slices (default {d.context_mm})")
@@ -492,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes that decode series and make batches (GPU nodes; 0 = none, resumes bit-exactly)")
     p.add_argument("--hard-weight", type=float, default=d.hard_weight,
                    help="draw boxes of juxtapleural / juxtavascular / < 8 mm nodules this many times as often")
+    p.add_argument("--nodule-balance", type=float, default=d.nodule_balance,
+                   help="weight each box by (boxes of its nodule) ** -this: 0 = by slice, 1 = every nodule equally often")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
     p.add_argument("--release", type=Path, default=None, help="write the best EMA model here (fp16)")
     p.add_argument("--release-only", action="store_true", help="just write OUT/best.pt to --release and exit")
@@ -506,9 +518,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         out_dir=args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         crop=args.crop, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
         pretrained=args.pretrained, device=args.device, threads=args.threads, workers=args.workers,
-        hard_weight=args.hard_weight, data=args.data, folds=args.folds, val_folds=args.val_folds,
+        hard_weight=args.hard_weight, nodule_balance=args.nodule_balance, data=args.data, folds=args.folds,
+        val_folds=args.val_folds,
         test_fold=args.test_fold, cache_dir=args.cache_dir, min_readers=args.min_readers,
-        train_dirs=list(args.train_dirs), pixel_mm=args.pixel_mm, context_mm=args.context_mm,
+        train_dirs=list(args.train_dirs), val_dirs=list(args.val_dirs), val_slices_max=args.val_slices_max,
+        pixel_mm=args.pixel_mm, context_mm=args.context_mm,
     )
 
 

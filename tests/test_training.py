@@ -147,6 +147,48 @@ def test_hard_weight_draws_hard_nodules_that_much_more_often() -> None:
     assert hard_fraction(1.0) == pytest.approx(0.5, abs=0.04)
 
 
+def test_nodule_balance_draws_a_small_nodule_as_often_as_a_large_one() -> None:
+    """--nodule-balance 1: a nodule on 1 slice and one on 3 slices are drawn equally often (by nodule,
+    not by slice); 0 draws by box, so the 3-slice nodule comes 3x as often."""
+    from types import SimpleNamespace
+
+    from damoyolo.dataset import CaseData, CropSampler
+
+    small = SimpleNamespace(attachment="isolated", diameter_mm=4.0)
+    large = SimpleNamespace(attachment="isolated", diameter_mm=20.0)
+    windowed = np.repeat(np.arange(5, dtype=np.uint8)[:, None, None], 128, 1).repeat(128, 2)
+    box = np.array([[40, 40, 60, 60]], np.float32)
+    case = CaseData("c", windowed, {1: box, 2: box, 3: box, 4: box}, np.arange(5),
+                    SimpleNamespace(nodules=[small, large]), {1: [0], 2: [1], 3: [1], 4: [1]})
+
+    def small_fraction(balance: float) -> float:
+        sampler = CropSampler([case], crop=64, k=1, p_positive=1.0, nodule_balance=balance)
+        rng = np.random.default_rng(0)
+        drawn = [int(sampler.sample(rng)[0][0, 0, 0]) for _ in range(2000)]
+        return drawn.count(1) / len(drawn)
+
+    assert small_fraction(1.0) == pytest.approx(0.5, abs=0.04)
+    assert small_fraction(0.0) == pytest.approx(0.25, abs=0.04)
+
+
+def test_generated_case_dirs_refuse_seeds_of_another_split(tmp_path: Path) -> None:
+    """--val-dir takes validation seeds only and --train-dir training seeds only: a held-out case
+    can never reach training or model selection by a mistyped folder."""
+    import json
+
+    from damoyolo.data.types import DataError
+    from damoyolo.train import generated_case_dirs
+
+    for name, seed in (("v", splits.VALIDATION_SEED), ("t", splits.TEST_SEED)):
+        (tmp_path / name / "case").mkdir(parents=True)
+        (tmp_path / name / "case" / "truth.json").write_text(json.dumps({"seed": seed}))
+    assert generated_case_dirs([str(tmp_path / "v")], "validation") == [tmp_path / "v" / "case"]
+    with pytest.raises(DataError, match="not in the train range"):
+        generated_case_dirs([str(tmp_path / "v")])
+    with pytest.raises(DataError, match="not in the validation range"):
+        generated_case_dirs([str(tmp_path / "t")], "validation")
+
+
 def test_pretrained_official_layout_through_the_train_command(tmp_path: Path) -> None:
     """A fake official checkpoint (the recorded key layout of DAMO-YOLO-T, 80 COCO classes, random
     tensors of the official shapes) loaded the way ``ctlesion train --pretrained`` loads it."""
