@@ -23,7 +23,7 @@ trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/wheels" "$tmp/site" "$DEST"
 
 # Versions: pyproject.toml's pins where it has them; the rest are locust's needs that the GPU image lacks.
-WHEELS=(numpy==1.26.4 pydicom==3.0.2 tritonclient==2.73.0 python-rapidjson==1.25 locust==2.47.0
+WHEELS=(numpy==1.26.4 pydicom==3.0.2 threadpoolctl==3.6.0 tritonclient==2.73.0 python-rapidjson==1.25 locust==2.47.0
         configargparse==1.9.0 flask==3.1.3 flask-cors==6.0.5 flask-login==0.6.3 blinker==1.9.0
         itsdangerous==2.2.0 gevent==26.9.0 greenlet==3.3.2 geventhttpclient==2.6.1 brotli==1.2.1
         zope.event==6.2 zope.interface==8.7 pyzmq==27.3.0 python-engineio==4.15.1

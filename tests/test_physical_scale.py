@@ -76,6 +76,34 @@ def test_a_wide_field_of_view_is_cropped_centred_and_still_maps_exactly() -> Non
     np.testing.assert_array_equal(out, np.floor(np.clip(dense + 0.5, 0, 255)))  # our filter, rounded half up
 
 
+@pytest.mark.parametrize(
+    ("src", "new", "pad"),
+    [((300, 512), (200, 700), (-94, 156)),  # shrunk rows padded, grown columns cropped
+     ((256, 256), (341, 300), (85, 106)),  # padded both ways
+     ((1024, 1024), (700, 700), (-94, -94)),  # shrunk (antialiased) and cropped
+     ((512, 512), (629, 629), (-58, -60))],  # grown and cropped off-centre
+)
+def test_resample_computes_only_the_kept_pixels_and_they_equal_the_whole_grid(src: tuple, new: tuple, pad: tuple) -> None:
+    """The crop is taken from the weights before multiplying, not from the result: every kept pixel
+    equals the whole slice resampled at that place (what training samples from) exactly, and our
+    dense filter within float rounding; no clip is needed (convex weights); padding is the pad value."""
+    from preprocess_backend.letterbox import _sparse_weights
+
+    t = LetterboxTransform(src[0], src[1], 512, new[0], new[1], pad_x=pad[1], pad_y=pad[0])
+    gy, gx = np.mgrid[:512, :512]
+    gy, gx = gy - t.pad_y, gx - t.pad_x  # the whole grid's pixel under each model pixel
+    inside = (gy >= 0) & (gy < t.new_h) & (gx >= 0) & (gx < t.new_w)
+    gy, gx = gy.clip(0, t.new_h - 1), gx.clip(0, t.new_w - 1)
+    rng = np.random.default_rng(1)
+    for image in (rng.integers(0, 256, src).astype(np.uint8), np.full(src, 255, np.uint8)):
+        out = np.empty((512, 512), np.uint8)
+        resample_uint8(image, t, out, pad_value=7)
+        whole = (_sparse_weights(src[1], t.new_w) @ (_sparse_weights(src[0], t.new_h) @ image.astype(np.float32)).T).T
+        np.testing.assert_array_equal(out, np.where(inside, np.floor(whole + 0.5)[gy, gx], 7))
+        dense = np.floor(np.clip(resize(image.astype(np.float32), t.new_h, t.new_w) + 0.5, 0, 255))
+        assert np.abs(out.astype(int) - np.where(inside, dense[gy, gx], 7)).max() <= 1
+
+
 def test_slab_metadata_carries_the_transform() -> None:
     vol = _disc_volume(128, 1.0, 2, 20.0, (0.0, 0.0))
     slab = preprocess_slab(series_bytes(vol, spacing=(1.0, 1.0), slice_spacing=2.0), PHYSICAL)

@@ -221,3 +221,22 @@ def test_vectorised_postprocess_equals_per_slice_reference(model_size: int, clas
     for name, value in detections_to_arrays(want).items():
         np.testing.assert_array_equal(arrays[name], value, err_msg=name)
     assert {int(BODY), int(LUNG | BODY)} <= set(np.unique(meta.anatomy).tolist())  # the filter had lung to test against
+
+
+def test_python_backend_steps_run_one_blas_thread_per_instance() -> None:
+    """Each numpy step caps BLAS at one thread in ``initialize`` (Triton scales by instances; idle
+    OpenBLAS workers spin after each call: 1.6 ms of CPU per slice in the preprocess stub), and the
+    cap takes effect on the libraries numpy and scipy loaded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for step in ("preprocess", "postprocess", "fpr_preprocess"):
+        source = (root / "model_repository" / step / "1" / "model.py").read_text()
+        assert "limit_native_threads(1)" in source.split("def initialize", 1)[1].split("def ", 1)[0], step
+    code = ("import numpy, scipy.linalg; from preprocess_backend.native_threads import limit_native_threads; "
+            "print(sorted(set(limit_native_threads(1).values())))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "4"})
+    assert out.stdout.strip() == "[1]", out.stdout + out.stderr

@@ -13,11 +13,13 @@ import triton_python_backend_utils as pb_utils
 
 from preprocess_backend.cubes import CubeSpec, cubes_from_dicom
 from preprocess_backend.errors import DicomInputError
+from preprocess_backend.native_threads import limit_native_threads
 from preprocess_backend.types import Limits, Options
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        limit_native_threads(1)  # Triton scales this step by instances; idle BLAS threads spin
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.spec = CubeSpec.from_dict(json.loads(params["cube"]))

@@ -13,6 +13,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from preprocess_backend.errors import DicomInputError
+from preprocess_backend.native_threads import limit_native_threads
 from preprocess_backend.pipeline import SLAB_META_TENSORS, postprocess_findings
 from preprocess_backend.types import Options
 
@@ -21,6 +22,7 @@ FLOAT_OPTIONS = ("score_threshold", "nms_iou", "min_size_mm", "max_size_mm")
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        limit_native_threads(1)  # Triton scales this step by instances; idle BLAS threads spin
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.defaults = {name: float(params[name]) for name in FLOAT_OPTIONS if name in params}

@@ -15,12 +15,14 @@ import triton_python_backend_utils as pb_utils
 
 from preprocess_backend.contract import ModelContract
 from preprocess_backend.errors import DicomInputError
+from preprocess_backend.native_threads import limit_native_threads
 from preprocess_backend.pipeline import SLAB_META_TENSORS, preprocess_slab
 from preprocess_backend.types import Limits, Options, mm_or_none
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        limit_native_threads(1)  # Triton scales this step by instances; idle BLAS threads spin
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         limits = Limits.from_dict({k[len("limit_"):]: int(v) for k, v in params.items() if k.startswith("limit_")})
