@@ -65,12 +65,14 @@ def tree_memory(root: int, t_s: float = 0.0) -> MemorySample | None:
     by_label: dict[str, int] = {}
     for pid in process_tree(root):
         try:
-            status = _kib_fields(Path(f"/proc/{pid}/status"), ("VmRSS", "RssAnon", "RssShmem"))
-            rollup = _kib_fields(Path(f"/proc/{pid}/smaps_rollup"), ("Pss",))
+            status = _kib_fields(Path(f"/proc/{pid}/status"), ("RssAnon", "RssShmem"))
+            # RSS and PSS from one walk of the mappings: read apart (status, then smaps_rollup) a
+            # growing process could show more PSS than RSS
+            rollup = _kib_fields(Path(f"/proc/{pid}/smaps_rollup"), ("Rss", "Pss"))
         except (OSError, ValueError, IndexError):
             continue  # exited between listing and reading (or not readable): skip it
         seen += 1
-        rss += status.get("VmRSS", 0)
+        rss += rollup.get("Rss", 0)
         anon += status.get("RssAnon", 0)
         shmem = max(shmem, status.get("RssShmem", 0))
         pss += rollup.get("Pss", 0)

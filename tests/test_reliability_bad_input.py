@@ -86,7 +86,11 @@ def same_answer(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
     for name in OUTPUTS:
         va, vb = a[name][ka], b[name][kb]
         if va.dtype.kind in "fc":
-            np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-4, err_msg=name, equal_nan=True)
+            # The same slab merged into another dynamic batch runs the detector's GEMMs with another
+            # batch size, so its floats may differ in the last bits: coordinates (px, mm) within 1/100
+            # (seen: 1.3e-3 px on a 170 px coordinate), scores within 1e-4; no finding changes.
+            atol = 1e-2 if name.endswith(("_px", "_mm")) else 1e-4
+            np.testing.assert_allclose(va, vb, rtol=1e-5, atol=atol, err_msg=name, equal_nan=True)
         else:
             np.testing.assert_array_equal(va, vb, err_msg=name)
 
