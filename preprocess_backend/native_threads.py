@@ -2,9 +2,10 @@
 
 Triton scales a CPU step by model instances (``instance_group { count }``), one request per instance
 at a time. numpy's and scipy's OpenBLAS start a pool of one thread per core anyway, and after each
-multithreaded call those threads spin (``sched_yield``) waiting for the next: measured in the
-preprocess stub on a served 300-slice series, 1.6 ms of CPU per slice beside 3.5 ms of real work
-(bench/RESULTS.md), CPU the detector on the same cores then lacks. Limited at run time (the stub
+multithreaded call those threads spin (``sched_yield``) waiting for the next: on the slabs the
+client sends for a 300-slice series, ``preprocess_slab`` cost 3.5 ms of the caller's CPU per slice
+and 1.6 ms more on those threads; served, the preprocess stub fell from 10.8 to 3.4 ms per slice
+with the cap (bench/RESULTS.md). That is CPU the detector on the same cores lacks. Limited at run time (the stub
 has loaded numpy before ``model.py`` runs, so an environment variable set there comes too late).
 """
 
