@@ -328,11 +328,27 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:240]}"
 
 
+_MISSING = object()
+
+
 def _get(ds: Dataset, name: str, default: Any = None) -> Any:
-    try:
-        value = ds.get(name, default)
-    except Exception:  # a malformed value raises on access
-        return default
+    """``ds.name``, ``default`` when absent, empty or unreadable.
+
+    Remembered per dataset (nothing here writes to one): decoding a slice reads ~40 header values,
+    a third of them twice or more (the contract's checks, the geometry, the bit checks), and each
+    pydicom keyword read costs microseconds even once converted.
+    """
+    memo = ds.__dict__.get("_ctlesion_values")
+    if memo is None:
+        memo = {}
+        object.__setattr__(ds, "_ctlesion_values", memo)  # a plain attribute, not a DICOM element
+    value = memo.get(name, _MISSING)
+    if value is _MISSING:
+        try:
+            value = ds.get(name)
+        except Exception:  # a malformed value raises on access
+            value = None
+        memo[name] = value
     return default if value is None or value == "" else value
 
 

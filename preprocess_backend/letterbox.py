@@ -196,9 +196,32 @@ def resample_uint8(image: np.ndarray, t: LetterboxTransform, out: np.ndarray, pa
         return out
     wy = _sparse_weights(h, t.new_h, oy0 - t.pad_y, oy1 - t.pad_y)
     wx = _sparse_weights(w, t.new_w, ox0 - t.pad_x, ox1 - t.pad_x)
-    part = (wx @ (wy @ image.astype(np.float32)).T).T  # [oy1 - oy0, ox1 - ox0]
+    rows = wy @ image.astype(np.float32)  # [oy1 - oy0, w]
+    # scipy's sparse @ dense needs a C-contiguous right side: hand it the transpose ourselves, in
+    # row bands (a plain transposed copy thrashes the cache: ~1.5x the time of the two passes)
+    part_t = wx @ _transposed(rows)  # [ox1 - ox0, oy1 - oy0]
     # No clip: the weights are >= 0 and each row sums to 1, so every value is a convex combination of
     # uint8 values, within [0, 255] up to float32 rounding, and +0.5 then truncation stays in 0..255.
-    part += np.float32(0.5)
-    out[oy0:oy1, ox0:ox1] = part  # truncation after +0.5: round half up
+    part_t += np.float32(0.5)
+    _transposed(part_t, out[oy0:oy1, ox0:ox1])  # truncation after +0.5: round half up
     return out
+
+
+_BAND = 16  # rows per band: a band's columns stay in L1 while its transpose is written
+_BAND_FROM_BYTES = 512 * 1024  # smaller arrays fit in L2: one plain copy beats the bands' overhead
+
+
+def _transposed(src: np.ndarray, dst: np.ndarray | None = None) -> np.ndarray:
+    """``src.T`` written into ``dst`` (a new C-contiguous array by default), band by band when large.
+
+    Side by side on 512 x 512 slices (0.6-0.92 mm to 0.75 mm) the bands made the resample 15-37 %
+    faster; on a 204 x 201 crop they made it slower, hence the size switch.
+    """
+    if dst is None:
+        dst = np.empty((src.shape[1], src.shape[0]), src.dtype)
+    if src.nbytes < _BAND_FROM_BYTES:
+        dst[...] = src.T
+        return dst
+    for k in range(0, src.shape[0], _BAND):
+        dst[:, k : k + _BAND] = src[k : k + _BAND].T
+    return dst
