@@ -39,6 +39,7 @@ class FprServing:
     operating_threshold: float
     candidate_threshold: float
     spec: CubeSpec
+    coefficients: dict[str, Any] | None = None  # the logistic rule's (config parameter "rescoring")
 
 
 def serving_from_config(config: Any) -> FprServing:
@@ -53,6 +54,7 @@ def serving_from_config(config: Any) -> FprServing:
         operating_threshold=float(params["operating_threshold"]),
         candidate_threshold=float(params["candidate_threshold"]),
         spec=CubeSpec.from_dict(json.loads(params["cube"])),
+        coefficients=json.loads(params["rescoring"]) if params.get("rescoring") else None,
     )
 
 
@@ -104,5 +106,5 @@ def finalize(
 ) -> list[Lesion]:
     """Rescore (when FPR ran), then the 3D size rule and the operating threshold."""
     if probs is not None and serving is not None:
-        lesions = apply_fpr(lesions, probs, serving.rule)
+        lesions = apply_fpr(lesions, probs, serving.rule, serving.coefficients)
     return filter_lesions(lesions, rule)

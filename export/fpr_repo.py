@@ -71,6 +71,8 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
     _instance(cls, instances, gpu=target != "cpu")
     _params(cls, {"rule": info.rule, "operating_threshold": info.operating_threshold,
                   "candidate_threshold": info.candidate_threshold, "cube": json.dumps(info.spec.to_dict())})  # fmt: skip
+    if info.coefficients is not None:  # the logistic rule's weights travel with the model that needs them
+        _params(cls, {"rescoring": json.dumps(info.coefficients)})
 
     ens = mc.ModelConfig(name=FPR_ENSEMBLE, platform="ensemble", max_batch_size=0)
     _add_io(ens.input, [TensorSpec("dicom", "bytes", (-1,)), TensorSpec("centres_mm", "float32", (-1, 3))])

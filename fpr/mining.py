@@ -136,10 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--augment", action="store_true", help="training: augmented copies + truth-centred cubes")
     p.add_argument("--limit", type=int, default=0, help="at most this many cases (0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="per-slice detector threshold before 3D linking (default: the evaluation's low one); the served "
+                   "FPR model's candidate threshold gives the lesions the client sends it, linked as the client links them")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     predict_fn, info = onnx_predictor(a.onnx)
-    options = info.options()
+    options = info.options() if a.score_threshold is None else info.options(score_threshold=a.score_threshold)
     cases = sorted(d for d in a.cases_dir.iterdir() if (d / "truth.json").exists())
     if a.limit:
         cases = cases[: a.limit]

@@ -46,15 +46,36 @@ class FprNet(nn.Module):
         return self.head(feat).squeeze(1)
 
 
-class FprProbability(nn.Module):
-    """What is served: sigmoid of the logit, input uint8."""
+# Test-time flips of a cube [N, D, H, W] (axis numbers): the logit is the mean over them. A nodule
+# is a nodule mirrored; averaging steadies the ranking (validation CPM +0.01, models/MODEL_CARD.md).
+TTA_FLIPS: dict[int, tuple[tuple[int, ...], ...]] = {
+    1: ((),),
+    4: ((), (3,), (2,), (2, 3)),  # in-plane mirrors
+    8: ((), (3,), (2,), (2, 3), (1,), (1, 3), (1, 2), (1, 2, 3)),  # and along z
+}
 
-    def __init__(self, net: FprNet) -> None:
+
+def flips_of(meta: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    """The flips a checkpoint's meta declares (none before they existed)."""
+    return tuple(tuple(int(a) for a in f) for f in meta.get("tta_flips", [[]])) or ((),)
+
+
+def tta_logits(net: FprNet, cubes: torch.Tensor, flips: tuple[tuple[int, ...], ...] = ((),)) -> torch.Tensor:
+    """Mean logit over the flipped copies (one pass each; no flip: the plain logit)."""
+    parts = [net(torch.flip(cubes, dims=f) if f else cubes) for f in flips]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).mean(dim=0)
+
+
+class FprProbability(nn.Module):
+    """What is served: sigmoid of the (flip-averaged) logit, input uint8."""
+
+    def __init__(self, net: FprNet, flips: tuple[tuple[int, ...], ...] = ((),)) -> None:
         super().__init__()
         self.net = net
+        self.flips = flips
 
     def forward(self, cubes: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(cubes)).unsqueeze(1)  # [N, 1]: Triton's batched output shape
+        return torch.sigmoid(tta_logits(self.net, cubes, self.flips)).unsqueeze(1)  # [N, 1]: Triton's batched output shape
 
 
 def save_checkpoint(net: FprNet, path: Path, meta: dict[str, Any]) -> None:
@@ -78,7 +99,7 @@ def export_onnx(net: FprNet, path: Path, shape: tuple[int, int, int], meta: dict
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = FprProbability(net.eval())
+    model = FprProbability(net.eval(), flips_of(meta or {}))
     dummy = torch.zeros((2, *shape), dtype=torch.uint8)
     torch.onnx.export(
         model, (dummy,), str(path), input_names=["cubes"], output_names=["probability"],

@@ -18,6 +18,7 @@ MAX_RUN_BATCH = 64  # cubes per onnxruntime run: bounds the arena, same speed
 class FprModelInfo:
     spec: CubeSpec
     rule: str  # preprocess_backend.rescoring rule
+    coefficients: dict[str, Any] | None  # the logistic rule's fitted coefficients (None for the fixed rules)
     operating_threshold: float  # final-confidence threshold chosen on validation data
     candidate_threshold: float  # detector score threshold of the candidates it was trained on
     meta: dict[str, Any]
@@ -31,6 +32,7 @@ def read_meta(path: Path) -> FprModelInfo:
     return FprModelInfo(
         spec=CubeSpec.from_dict(meta["cube"]),
         rule=str(meta.get("rule", "geometric")),
+        coefficients=meta.get("rescoring"),
         operating_threshold=float(meta.get("operating_threshold", 0.5)),
         candidate_threshold=float(meta.get("candidate_threshold", 0.05)),
         meta=meta,

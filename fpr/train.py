@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from ctlesion_fpr.data import CubeSet, EvalCase, load_eval, load_training
-from ctlesion_fpr.model import FprNet, export_onnx, save_checkpoint
+from ctlesion_fpr.model import TTA_FLIPS, FprNet, export_onnx, flips_of, save_checkpoint, tta_logits
+from ctlesion_fpr.rescoring_fit import DEFAULT_FEATURES, candidate_samples, fit_logistic
 from preprocess_backend.lesion_filters import LesionFilter, filter_lesions
-from preprocess_backend.rescoring import RULES, apply_fpr
+from preprocess_backend.rescoring import LOGISTIC, RULES, apply_fpr
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,10 @@ class ValidationResult:
     threshold: float  # operating threshold at <= max_fp false positives per scan
     sensitivity: float  # at that threshold
     fp_per_scan: float
+    coefficients: dict[str, Any] | None = None  # the logistic rule's, fitted on these validation candidates
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k != "coefficients"}
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -60,12 +62,13 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x * gain).clamp(0, 255)
 
 
-def predict_torch(net: FprNet, cubes: np.ndarray, batch: int = 128) -> np.ndarray:
+def predict_torch(net: FprNet, cubes: np.ndarray, batch: int = 128, flips: tuple[tuple[int, ...], ...] = ((),)) -> np.ndarray:
+    """Probabilities as the served ONNX gives them (``flips``: its test-time flips)."""
     net.eval()
     out = []
     with torch.inference_mode():
         for i in range(0, cubes.shape[0], batch):
-            out.append(torch.sigmoid(net(torch.from_numpy(cubes[i : i + batch]))).numpy())
+            out.append(torch.sigmoid(tta_logits(net, torch.from_numpy(cubes[i : i + batch]), flips)).numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -84,32 +87,47 @@ def operating_point(results: list, max_fp_per_scan: float) -> tuple[float, float
     return thr, float(stats["sensitivity"]), float(stats["fp_per_scan"])
 
 
-def validate(
-    net: FprNet, cases: list[EvalCase], epoch: int, max_fp: float, min_size_mm: float = 3.0, candidate_threshold: float = 0.0,
-    rules: tuple[str, ...] = RULES,
-) -> list[ValidationResult]:
-    """Validation CPM and operating point per rescoring rule; ``candidate_threshold`` drops the
-    candidates the detector scored below it (what a higher per-slice threshold would send)."""
+def _candidates(net: FprNet, cases: list[EvalCase], candidate_threshold: float, flips: tuple[tuple[int, ...], ...]) -> tuple[list, list, list]:
+    """(lesions, FPR probabilities, truths) per validation scan, candidates >= ``candidate_threshold``."""
     from ctlesion_phantoms.truth import CaseTruth
-    from damoyolo.eval.froc import case_result, froc
 
     truths = [CaseTruth.load(c.truth_path) for c in cases]
     kept = [[i for i, les in enumerate(c.lesions) if les.max_score >= candidate_threshold] for c in cases]
     lesions = [[c.lesions[i] for i in k] for c, k in zip(cases, kept, strict=True)]
-    probs = [predict_torch(net, c.cubes[k]) if k else np.zeros(0, np.float32) for c, k in zip(cases, kept, strict=True)]
+    probs = [predict_torch(net, c.cubes[k], flips=flips) if k else np.zeros(0, np.float32) for c, k in zip(cases, kept, strict=True)]
+    return lesions, probs, truths
+
+
+def validate(
+    net: FprNet, cases: list[EvalCase], epoch: int, max_fp: float, min_size_mm: float = 3.0, candidate_threshold: float = 0.0,
+    rules: tuple[str, ...] = RULES, flips: tuple[tuple[int, ...], ...] = ((),), coefficients: dict[str, Any] | None = None,
+) -> list[ValidationResult]:
+    """Validation CPM and operating point per rescoring rule; ``candidate_threshold`` drops the
+    candidates the detector scored below it (what a higher per-slice threshold would send).
+    ``logistic`` among ``rules`` uses ``coefficients``, fitted here on these candidates when None."""
+    from damoyolo.eval.froc import case_result, froc
+
+    lesions, probs, truths = _candidates(net, cases, candidate_threshold, flips)
     size_rule = LesionFilter(min_size_mm=min_size_mm)
     base = [case_result(filter_lesions(les, size_rule), t) for les, t in zip(lesions, truths, strict=True)]
     cpm_det = froc(base, 0.0, bootstrap=0).cpm
     out = []
     for rule in rules:
-        results = [case_result(filter_lesions(apply_fpr(les, p, rule), size_rule), t) for les, p, t in zip(lesions, probs, truths, strict=True)]
+        coef = None
+        if rule == LOGISTIC:
+            try:
+                coef = coefficients or fit_logistic(*candidate_samples(lesions, probs, truths, DEFAULT_FEATURES), DEFAULT_FEATURES)
+            except ValueError as exc:  # e.g. no false positive among the candidates: nothing to learn
+                log.info("logistic rescoring not fitted: %s", exc)
+                continue
+        results = [case_result(filter_lesions(apply_fpr(les, p, rule, coef), size_rule), t) for les, p, t in zip(lesions, probs, truths, strict=True)]
         thr, sens, fps = operating_point(results, max_fp)
-        out.append(ValidationResult(epoch, rule, froc(results, 0.0, bootstrap=0).cpm, cpm_det, thr, sens, fps))
+        out.append(ValidationResult(epoch, rule, froc(results, 0.0, bootstrap=0).cpm, cpm_det, thr, sens, fps, coef))
     return out
 
 
 def choose_candidate_threshold(net: FprNet, cases: list[EvalCase], best: ValidationResult, max_fp: float, base: float,
-                               tolerance: float = 0.005) -> tuple[float, list[dict[str, Any]]]:
+                               tolerance: float = 0.005, flips: tuple[tuple[int, ...], ...] = ((),)) -> tuple[float, list[dict[str, Any]]]:
     """The highest per-slice candidate threshold whose validation CPM and operating-point sensitivity stay
     within ``tolerance`` of the lowest's: fewer candidates, fewer cubes, the same findings."""
     table = []
@@ -117,7 +135,7 @@ def choose_candidate_threshold(net: FprNet, cases: list[EvalCase], best: Validat
     for t in (base, 0.1, 0.15, 0.2, 0.25, 0.3):
         if t < base:
             continue
-        v = validate(net, cases, best.epoch, max_fp, candidate_threshold=t, rules=(best.rule,))[0]
+        v = validate(net, cases, best.epoch, max_fp, candidate_threshold=t, rules=(best.rule,), flips=flips)[0]
         n = sum(sum(les.max_score >= t for les in c.lesions) for c in cases) / max(len(cases), 1)
         table.append({"candidate_threshold": t, "cpm": round(v.cpm, 4), "sensitivity": round(v.sensitivity, 4),
                       "threshold": round(v.threshold, 4), "candidates_per_scan": round(n, 1)})  # fmt: skip
@@ -129,6 +147,7 @@ def choose_candidate_threshold(net: FprNet, cases: list[EvalCase], best: Validat
 def train(
     train_set: CubeSet, val_cases: list[EvalCase], out_dir: Path, epochs: int, steps_per_epoch: int, batch_size: int,
     lr: float, seed: int, max_fp: float, width: int, threads: int, select: str = "best", init: FprNet | None = None,
+    rules: tuple[str, ...] = RULES, flips: tuple[tuple[int, ...], ...] = ((),),
 ) -> tuple[FprNet, ValidationResult, list[ValidationResult]]:
     """``select``: ``best`` keeps the epoch of the best validation CPM, ``last`` the final one (the
     operating point is then chosen on the whole validation set by ``calibrate``)."""
@@ -169,7 +188,7 @@ def train(
             opt.step()
             sched.step()
             losses.append(loss.item())
-        vals = validate(net, val_cases, epoch, max_fp)
+        vals = validate(net, val_cases, epoch, max_fp, rules=rules, flips=flips)
         history += vals
         top = max(vals, key=lambda v: v.cpm)
         log.info("epoch %d: loss %.4f (%.0f s); val CPM detector %.3f, %s", epoch, float(np.mean(losses)), time.perf_counter() - t0,
@@ -200,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidate-threshold", type=float, default=0.05, help="the detector score threshold the candidates were mined at")
     p.add_argument("--release", type=Path, help="write the checkpoint (.pt) here and the served ONNX beside it")
     p.add_argument("--select", choices=("best", "last"), default="best", help="epoch kept: best validation CPM or the last")
+    p.add_argument("--rules", default=",".join((*RULES, LOGISTIC)),
+                   help="rescoring rules tried on validation, the best CPM kept (logistic: fitted on the validation candidates)")
+    p.add_argument("--tta", type=int, choices=sorted(TTA_FLIPS), default=None,
+                   help="test-time flips averaged by the served model (default: the --init checkpoint's, else 1: none)")
     p.add_argument("--init", type=Path, help="an FPR checkpoint: with --epochs 0 calibrated on --val (rule, thresholds) and released; "
                    "with --epochs > 0 the starting point of the training (fine-tuning)")
     a = p.parse_args(argv)
@@ -209,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     train_set = load_training(a.train) if a.train is not None else None
     val_cases = [c for spec in a.val for c in load_eval(*(Path(x) for x in spec.split(":", 1)))]
     log.info("validation: %d series", len(val_cases))
+    rules = tuple(r.strip() for r in a.rules.split(",") if r.strip())
+    unknown = [r for r in rules if r not in (*RULES, LOGISTIC)]
+    if unknown or not rules:
+        p.error(f"--rules: unknown {unknown} (known: {', '.join((*RULES, LOGISTIC))})")
+    init_flips = flips_of(torch.load(a.init, map_location="cpu", weights_only=True).get("meta", {})) if a.init is not None else ((),)
+    flips = TTA_FLIPS[a.tta] if a.tta is not None else init_flips
+    log.info("rules %s; %d test-time flip(s)", ", ".join(rules), len(flips))
     if a.epochs > 0:
         start = None
         if a.init is not None:
@@ -217,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             start, init_meta = load_checkpoint(a.init)
             a.width = int(init_meta.get("width", a.width))
         net, best, _ = train(train_set, val_cases, a.out, a.epochs, a.steps_per_epoch, a.batch_size, a.lr, a.seed,
-                             a.max_fp_per_scan, a.width, a.threads, a.select, start)  # fmt: skip
+                             a.max_fp_per_scan, a.width, a.threads, a.select, start, rules, flips)  # fmt: skip
     else:
         if a.init is None:
             p.error("--epochs 0 needs --init")
@@ -229,22 +259,24 @@ def main(argv: list[str] | None = None) -> int:
             from preprocess_backend.cubes import CubeSpec
 
             spec, train_cubes = CubeSpec.from_dict(init_meta["cube"]), int(init_meta.get("train_cubes", 0))
-        best = max(validate(net, val_cases, 0, a.max_fp_per_scan), key=lambda v: v.cpm)
+        best = max(validate(net, val_cases, 0, a.max_fp_per_scan, rules=rules, flips=flips), key=lambda v: v.cpm)
     if train_set is not None:
         spec, train_cubes = train_set.spec, int(train_set.label.size)
     log.info("best: %s", best.to_dict())
-    candidate, table = choose_candidate_threshold(net, val_cases, best, a.max_fp_per_scan, a.candidate_threshold)
+    candidate, table = choose_candidate_threshold(net, val_cases, best, a.max_fp_per_scan, a.candidate_threshold, flips=flips)
     for row in table:
         log.info("candidate threshold %.2f: %s", row["candidate_threshold"], row)
     if candidate != a.candidate_threshold:  # the operating threshold at the chosen candidate set
-        best = validate(net, val_cases, best.epoch, a.max_fp_per_scan, candidate_threshold=candidate, rules=(best.rule,))[0]
+        best = validate(net, val_cases, best.epoch, a.max_fp_per_scan, candidate_threshold=candidate, rules=(best.rule,), flips=flips)[0]
     log.info("chosen candidate threshold %.2f, operating point %s", candidate, best.to_dict())
     if a.release:
         meta = {
             "cube": spec.to_dict(), "rule": best.rule, "operating_threshold": round(best.threshold, 4),
             "candidate_threshold": candidate, "candidate_thresholds": table, "width": a.width, "validation": best.to_dict(),
-            "max_fp_per_scan": a.max_fp_per_scan, "train_cubes": train_cubes,
+            "max_fp_per_scan": a.max_fp_per_scan, "train_cubes": train_cubes, "tta_flips": [list(f) for f in flips],
         }
+        if best.coefficients is not None:
+            meta["rescoring"] = best.coefficients
         save_checkpoint(net, a.release, meta)
         export_onnx(net, a.release.with_suffix(".onnx"), spec.shape, meta)
         log.info("released %s and %s", a.release, a.release.with_suffix(".onnx"))

@@ -41,7 +41,7 @@ class FprStage:
         return self.predict(cubes)
 
     def rescore(self, case_dir: Path, lesions: Sequence[Lesion]) -> list[Lesion]:
-        return apply_fpr(lesions, self.probabilities(case_dir, lesions), self.info.rule)
+        return apply_fpr(lesions, self.probabilities(case_dir, lesions), self.info.rule, self.info.coefficients)
 
 
 def candidate_rule(min_size_mm: float = 3.0, max_size_mm: float = 30.0) -> LesionFilter:
