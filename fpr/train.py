@@ -132,7 +132,7 @@ def choose_candidate_threshold(net: FprNet, cases: list[EvalCase], best: Validat
     within ``tolerance`` of the lowest's: fewer candidates, fewer cubes, the same findings."""
     table = []
     chosen = base
-    for t in (base, 0.1, 0.15, 0.2, 0.25, 0.3):
+    for t in sorted({base, 0.1, 0.15, 0.2, 0.25, 0.3}):
         if t < base:
             continue
         v = validate(net, cases, best.epoch, max_fp, candidate_threshold=t, rules=(best.rule,), flips=flips)[0]
