@@ -45,7 +45,7 @@ def test_mine_train_calibrate_release(small_case: Path, detector_onnx: Path, tmp
                      "--release", str(release)])  # fmt: skip
     assert rc == 0 and release.exists()
     meta = read_meta(release.with_suffix(".onnx"))
-    assert meta.rule in ("fpr", "geometric", "product") and 0.0 <= meta.operating_threshold <= 1.0
+    assert meta.rule in ("fpr", "geometric", "product", "logistic") and 0.0 <= meta.operating_threshold <= 1.0
     assert meta.candidate_threshold >= 0.05 and meta.spec.shape == (16, 32, 32)
     probs = FprPredictor(release.with_suffix(".onnx"))(train.cubes[:5])
     assert probs.shape == (5,) and np.all((probs >= 0) & (probs <= 1))
@@ -56,3 +56,8 @@ def test_mine_train_calibrate_release(small_case: Path, detector_onnx: Path, tmp
     assert rc == 0
     again = read_meta(tmp_path / "again.onnx")
     assert again.rule == meta.rule and again.operating_threshold == pytest.approx(meta.operating_threshold)
+    if meta.coefficients is None:
+        assert again.coefficients is None
+    else:  # the logistic rule refitted on the same candidates (weights stored in fp16: near, not equal)
+        assert again.coefficients["features"] == meta.coefficients["features"]
+        assert again.coefficients["weights"] == pytest.approx(meta.coefficients["weights"], abs=0.05)
