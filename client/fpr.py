@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 
 from preprocess_backend.cubes import CubeSpec, slice_range_for
 from preprocess_backend.lesion_filters import LesionFilter, filter_lesions
-from preprocess_backend.rescoring import apply_fpr
+from preprocess_backend.rescoring import apply_fpr, check_rule
 from preprocess_backend.series import SeriesGeometry
 from preprocess_backend.types import Lesion, Options
 
@@ -49,12 +49,14 @@ def serving_from_config(config: Any) -> FprServing:
     else:
         cfg = config.get("config", config)
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+    coefficients = json.loads(params["rescoring"]) if params.get("rescoring") else None
+    check_rule(params["rule"], coefficients)  # refused when the client connects, not on the first series
     return FprServing(
         rule=params["rule"],
         operating_threshold=float(params["operating_threshold"]),
         candidate_threshold=float(params["candidate_threshold"]),
         spec=CubeSpec.from_dict(json.loads(params["cube"])),
-        coefficients=json.loads(params["rescoring"]) if params.get("rescoring") else None,
+        coefficients=coefficients,
     )
 
 

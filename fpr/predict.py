@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from preprocess_backend.cubes import CubeSpec
+from preprocess_backend.rescoring import check_rule
 
 MAX_RUN_BATCH = 64  # cubes per onnxruntime run: bounds the arena, same speed
 
@@ -29,6 +30,7 @@ def read_meta(path: Path) -> FprModelInfo:
 
     proto = onnx.load(str(path), load_external_data=False)
     meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    check_rule(str(meta.get("rule", "geometric")), meta.get("rescoring"))  # a broken model refuses here, not mid-request
     return FprModelInfo(
         spec=CubeSpec.from_dict(meta["cube"]),
         rule=str(meta.get("rule", "geometric")),

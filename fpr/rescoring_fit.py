@@ -31,7 +31,7 @@ def candidate_samples(
         if not les:
             continue
         match = match_lesions(les, truth)
-        keep = np.array([not (not hits and match.ignored(i)) for i, hits in enumerate(match.lesion_hits)])
+        keep = np.array([bool(hits) or not match.ignored(i) for i, hits in enumerate(match.lesion_hits)])
         det = np.array([x.detector_score if x.detector_score is not None else x.max_score for x in les])
         diam = np.array([x.diameter_mm for x in les])
         xs.append(lesion_features(det, np.asarray(probs), diam, features)[keep])

@@ -69,6 +69,16 @@ def check_coefficients(coefficients: Mapping[str, Any]) -> None:
     lesion_features(np.zeros(1), np.zeros(1), np.ones(1), names)  # names known
 
 
+def check_rule(rule: str, coefficients: Mapping[str, Any] | None) -> None:
+    """Refuse a rule this code cannot apply (unknown, or ``logistic`` without valid coefficients)."""
+    if rule not in (*RULES, LOGISTIC):
+        raise ValueError(f"unknown rescoring rule {rule!r} (one of {', '.join((*RULES, LOGISTIC))})")
+    if rule == LOGISTIC:
+        if coefficients is None:
+            raise ValueError("the logistic rescoring rule needs its fitted coefficients")
+        check_coefficients(coefficients)
+
+
 def combine(
     detector_score: np.ndarray | float,
     fpr_probability: np.ndarray | float,

@@ -129,6 +129,9 @@ def test_served_config_carries_the_logistic_coefficients(tmp_path: Path) -> None
     assert json.loads(params["rescoring"]) == COEF and params["rule"] == LOGISTIC
     serving = serving_from_config({"config": {"parameters": {k: {"string_value": v} for k, v in params.items()}}})
     assert serving.rule == LOGISTIC and serving.coefficients == COEF
+    without = {k: {"string_value": v} for k, v in params.items() if k != "rescoring"}
+    with pytest.raises(ValueError, match="coefficients"):
+        serving_from_config({"config": {"parameters": without}})
     lesions = [_lesion(1, (0, 0, 0), 0.9, diameter=25.0), _lesion(2, (0, 0, 10), 0.5, diameter=6.0)]
     out = finalize(lesions, np.array([0.05, 0.8]), serving, LesionFilter(3.0, 30.0, 0.0))
     assert [les.fpr_probability for les in out] == pytest.approx([0.8, 0.05])
