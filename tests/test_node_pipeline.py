@@ -291,7 +291,7 @@ def test_orthanc_pushes_a_study_and_gets_sr_and_key_images_back(
     # scout + dose screen on each push, and on the second the node's own SR and key images came back too
     assert "ctlesion_node_dropped_total 6" in text
     assert 'ctlesion_node_step_seconds_count{step="inference"} 3' in text
-    assert n.spool.usage.instances == 0  # everything delivered, the spool is empty again
+    wait_for(lambda: n.spool.usage.instances == 0, 30.0, "the spool empty again")  # everything delivered
 
 
 def test_overload_refuses_with_a700_and_loses_nothing(node, orthanc: OrthancServer, phantom: list[pydicom.Dataset],
@@ -307,7 +307,8 @@ def test_overload_refuses_with_a700_and_loses_nothing(node, orthanc: OrthancServ
     assert refused == [0xA700] * 30
     audit = n.config.audit_path
     wait_delivered(audit, uid_of(first[0]))
-    assert n.spool.usage.instances == 0
+    # the node frees the spool just after it audits the delivery: wait for that, do not race it
+    wait_for(lambda: n.spool.usage.instances == 0, 30.0, "the spool freed after the delivery")
     assert send(n.dicom_port, second) == [0x0000] * 30  # the sender retries later: accepted now
     wait_delivered(audit, uid_of(second[0]))
     _, srs, _ = reports_in(orthanc, study_uid)
