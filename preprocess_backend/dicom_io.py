@@ -140,6 +140,13 @@ class DecodedSlice:
             self.hu_deferred = False
         return self.hu
 
+    def modality_values_in(self, rows: slice, cols: slice) -> np.ndarray:
+        """Modality values of one crop; when decoding deferred them, computed for that crop only
+        (cube cutting reads a few small crops of each slice, not the whole slice)."""
+        if self.hu_deferred and self.stored is not None:
+            return _rescale(self.stored[rows, cols], self.rescale_slope, self.rescale_intercept)
+        return self.hu[rows, cols]
+
     @property
     def rows(self) -> int:
         return int(self.hu.shape[0])

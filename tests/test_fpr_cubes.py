@@ -134,3 +134,21 @@ def test_size_rule_applies_to_3d_lesions_and_keeps_masses() -> None:
     out = filter_lesions(lesions, LesionFilter(min_size_mm=3.0, max_size_mm=30.0, score_threshold=0.3))
     assert [les.lesion_id for les in out] == [1, 4]
     assert out[0].kind == "mass" and out[1].kind == "nodule"
+
+
+def test_lazy_codes_equal_whole_slice_codes(nodule_series: tuple[list[bytes], np.ndarray]) -> None:
+    """Cube requests convert only the crops a cube reads; those crops equal the whole slice's codes."""
+    from preprocess_backend.pipeline import decode_items
+    from preprocess_backend.series import assemble_series
+    from preprocess_backend.types import Options
+
+    items, centre = nodule_series
+    codes, geometry = decode_codes(items)
+    whole = [hu_to_code(s.hu) for s in assemble_series(decode_items(items, Options(), with_hu=True)).slices]
+    assert all(c.slice.hu_deferred for c in codes), "the serving decode must not compute whole-slice HU"
+    for z in (0, 17, len(codes) - 1):
+        assert codes[z].shape == whole[z].shape
+        np.testing.assert_array_equal(codes[z][slice(None), slice(None)], whole[z])
+        np.testing.assert_array_equal(codes[z][slice(30, 71), slice(5, 50)], whole[z][30:71, 5:50])
+    centres = np.stack([centre, centre + [9.0, -4.0, 3.0]])
+    np.testing.assert_array_equal(extract_cubes(codes, geometry, centres), extract_cubes(np.stack(whole), geometry, centres))
