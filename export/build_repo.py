@@ -414,7 +414,7 @@ def build_repository(
     if fpr_onnx is not None:
         from ctlesion_export.fpr_repo import add_fpr_models
 
-        add_fpr_models(out, Path(fpr_onnx), cfg.target, cfg.limits)
+        add_fpr_models(out, Path(fpr_onnx), cfg.target, cfg.limits, cube_instances=cfg.preprocess_instances)
     report = check_io(out, cfg, onnx_path)
     (out / "BUILD.json").write_text(
         json.dumps({"onnx": str(onnx_path), "fpr_onnx": None if fpr_onnx is None else str(fpr_onnx), "model": asdict_info(info), "config": asdict(cfg),

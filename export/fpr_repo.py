@@ -46,8 +46,11 @@ def default_fpr_onnx(checkpoint: Path = DEFAULT_FPR_CHECKPOINT, onnx_path: Path 
     return Path(onnx_path)
 
 
-def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1, queue_delay_us: int = 2000) -> dict[str, mc.ModelConfig]:
-    """name -> ModelConfig of the three FPR models for ``target`` (cpu | gpu-*)."""
+def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1, queue_delay_us: int = 2000,
+                cube_instances: int = 1) -> dict[str, mc.ModelConfig]:
+    """name -> ModelConfig of the three FPR models for ``target`` (cpu | gpu-*). ``cube_instances``:
+    ``fpr_preprocess`` decodes DICOM like ``preprocess`` and is scaled with it (a series' cube
+    requests arrive together, after its last slab, while the detector idles)."""
     from ctlesion_export.build_repo import TensorSpec, _add_io, _instance, _params
     from ctlesion_fpr.predict import read_meta
 
@@ -56,7 +59,7 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
     pre = mc.ModelConfig(name="fpr_preprocess", backend="python", max_batch_size=0)
     _add_io(pre.input, [TensorSpec("dicom", "bytes", (-1,)), TensorSpec("centres_mm", "float32", (-1, 3))])
     _add_io(pre.output, [TensorSpec("cubes", "uint8", (-1, d, h, w))])
-    _instance(pre, 1, gpu=False)
+    _instance(pre, cube_instances, gpu=False)
     _params(pre, {"cube": json.dumps(info.spec.to_dict())})
     _params(pre, {f"limit_{k}": v for k, v in asdict(limits).items()})  # type: ignore[call-overload]
 
@@ -87,12 +90,12 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
     return {"fpr_preprocess": pre, "fpr_classifier": cls, FPR_ENSEMBLE: ens}
 
 
-def add_fpr_models(out: Path, fpr_onnx: Path, target: str, limits: object) -> None:
+def add_fpr_models(out: Path, fpr_onnx: Path, target: str, limits: object, cube_instances: int = 1) -> None:
     """Write the FPR models into the repository ``out`` (the served ONNX is a uint8-input graph
     already, so every target serves the same file)."""
     from ctlesion_export.build_repo import SOURCES, _write_config
 
-    for name, config in fpr_configs(fpr_onnx, target, limits).items():
+    for name, config in fpr_configs(fpr_onnx, target, limits, cube_instances=cube_instances).items():
         _write_config(out / name, config)
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         source = SOURCES / name / "1" / "model.py"

@@ -124,7 +124,9 @@ def test_served_config_carries_the_logistic_coefficients(tmp_path: Path) -> None
     cube = DEFAULT_CUBE.to_dict()
     meta = {"cube": cube, "rule": LOGISTIC, "rescoring": COEF, "operating_threshold": 0.15, "candidate_threshold": 0.25}
     path = export_onnx(FprNet(width=4), tmp_path / "fpr.onnx", tuple(cube["shape"]), meta)
-    cls = fpr_configs(path, "cpu", DEFAULT_LIMITS)["fpr_classifier"]
+    configs = fpr_configs(path, "cpu", DEFAULT_LIMITS, cube_instances=3)
+    assert configs["fpr_preprocess"].instance_group[0].count == 3  # scaled with the node's DICOM decoders
+    cls = configs["fpr_classifier"]
     params = {k: v.string_value for k, v in cls.parameters.items()}
     assert json.loads(params["rescoring"]) == COEF and params["rule"] == LOGISTIC
     serving = serving_from_config({"config": {"parameters": {k: {"string_value": v} for k, v in params.items()}}})
