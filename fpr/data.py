@@ -45,10 +45,12 @@ class EvalCase:
     lesions: list[Lesion]
     cubes: np.ndarray  # one per lesion, same order
     truth_path: Path
+    group: str = ""  # the validation set it came from (each --val of ctlesion_fpr.train is one group)
 
 
 def load_eval(mined_dir: Path, cases_dir: Path) -> list[EvalCase]:
-    """Mined evaluation cases (one untransformed cube per candidate lesion) with their truth files."""
+    """Mined evaluation cases (one untransformed cube per candidate lesion) with their truth files;
+    their ``group`` is ``cases_dir``."""
     out = []
     for f in sorted(Path(mined_dir).glob("*.npz")):
         if f.name.endswith(".tmp.npz"):  # a miner still writing it
@@ -62,5 +64,5 @@ def load_eval(mined_dir: Path, cases_dir: Path) -> list[EvalCase]:
             first = first[idx[first] >= 0]
             cubes[idx[first]] = z["cubes"][first]
             case_id = str(z["case_id"])
-        out.append(EvalCase(case_id, lesions, cubes, Path(cases_dir) / case_id / "truth.json"))
+        out.append(EvalCase(case_id, lesions, cubes, Path(cases_dir) / case_id / "truth.json", str(cases_dir)))
     return out

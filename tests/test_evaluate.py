@@ -341,3 +341,19 @@ def test_breakdown_by_the_scans_slice_thickness_and_pixel_size() -> None:
         "<=1.25": {"nodules": 1, "detected": 1, "scans": 1, "false_positives": 0},
         ">2.5": {"nodules": 1, "detected": 0, "scans": 1, "false_positives": 1},
     }
+
+
+def test_operating_point_holds_the_limit_on_every_validation_group() -> None:
+    """ctlesion_fpr.train's threshold: the strictest group decides, not the pooled mean (a group of
+    clean scans must not buy FP room for a harder one)."""
+    from ctlesion_fpr.train import operating_point
+
+    a = _nodule(1, (20, 200, 200), 10.0)
+    clean = [case_result([_at(a, 0.9)], _truth(f"d{i}", [a])) for i in range(3)]
+    noisy = [case_result([_at(a, 0.9), _lesion(FAR, 0.6), _lesion(FAR, 0.5), _lesion(FAR, 0.4)], _truth(f"w{i}", [a])) for i in range(1)]
+    results, groups = clean + noisy, ["default"] * 3 + ["wide"]
+    pooled, _, pooled_fp = operating_point(results, 1.0)
+    strict, sens, fp = operating_point(results, 1.0, groups)
+    assert pooled == 0.0 and pooled_fp == pytest.approx(0.75)  # 3 FPs over 4 scans: all pass the pooled limit
+    assert strict == pytest.approx(0.5 + 1e-6)  # the noisy scan alone may keep 1 FP: only the 0.6 one
+    assert sens == 1.0 and fp == pytest.approx(0.25)
