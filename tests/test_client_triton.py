@@ -102,7 +102,7 @@ def test_detect_series_on_phantom_case(phantom_result: SeriesResult, phantom_cas
     truth = CaseTruth.load(phantom_case / "truth.json")
     assert result.series_instance_uid == truth.series_instance_uid
     assert result.geometry is not None and np.all(np.diff(result.geometry.z) > 0)  # position order
-    # per slice the client sends the served FPR model's candidate threshold (0.25 for the committed
+    # per slice the client sends the served FPR model's candidate threshold (0.15 for the committed
     # one), not the article's 0.3, which applies to findings without the FPR
     import tritonclient.grpc as grpcclient
 
