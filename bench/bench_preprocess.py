@@ -31,6 +31,7 @@ import pydicom  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
+from preprocess_backend.cubes import cubes_from_dicom, decode_codes, extract_cubes, hu_to_code  # noqa: E402
 from preprocess_backend.letterbox import block_mean, letterbox, resample_uint8  # noqa: E402
 from preprocess_backend.masks import anatomy_mask  # noqa: E402
 from preprocess_backend.pipeline import (  # noqa: E402
@@ -175,6 +176,15 @@ def run(n: int, repeat: int, size: int, series_dir: Path | None = None) -> PrePo
     t_phys = preprocess_slab(items[:1], physical).meta.transform(0)
     out = np.empty((size, size), np.uint8)
 
+    # the FPR's cube request (fpr_preprocess): one lesion every 8 slices, at the image centre
+    _, geometry = decode_codes(items)
+    centres = np.stack([np.asarray(geometry.pixel_to_patient(i, (geometry.columns - 1) / 2, (geometry.rows - 1) / 2)).reshape(3)
+                        for i in range(0, n, 8)])  # fmt: skip
+
+    def whole_slice_cubes() -> np.ndarray:  # what cubes_from_dicom did before it converted crops only
+        series = assemble_series(decode_items(items, opts, with_hu=True))
+        return extract_cubes([hu_to_code(s.hu) for s in series.slices], series.geometry, centres)
+
     def channels() -> None:
         for c in (0, 2):
             for i in range(n):
@@ -201,6 +211,8 @@ def run(n: int, repeat: int, size: int, series_dir: Path | None = None) -> PrePo
         "NMS (batched, 50 candidates / slice)": lambda: batched_threshold_nms(scores, boxes, 0.3, 0.2, 100),
         "postprocess_findings -> tensors (served)": lambda: postprocess_findings(scores, boxes, meta, opts).to_arrays(),
         "postprocess_slab -> Detection objects": lambda: postprocess_slab(scores, boxes, meta, opts),
+        f"FPR cube request ({len(centres)} cubes, crops converted)": lambda: cubes_from_dicom(items, centres),
+        "  reference: whole-slice HU and codes": whole_slice_cubes,
     }
     ms = {name: best(fn, repeat) / n * 1e3 for name, fn in stages.items()}
     return PrePostResult(
