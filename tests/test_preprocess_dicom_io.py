@@ -215,3 +215,25 @@ def test_enhanced_ct_functional_groups() -> None:
     assert [f.position[2] for f in frames] == [5.0, 7.5] and frames[1].pixel_spacing == (0.5, 0.5)
     with pytest.raises(DicomInputError, match="frames"):
         decode_slice(buf.getvalue())
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+def test_native_pixels_are_read_in_place_from_the_request(syntax: str) -> None:
+    """The hot path maps PixelData from the item's own bytes (no per-slice copy by pydicom), with the
+    values pydicom gives; a PixelData element running past the end is refused as before."""
+    hu = np.arange(64 * 48, dtype=np.float64).reshape(64, 48) - 1000.0
+    raw = make_slice(hu)
+    if syntax != "1.2.840.10008.1.2.1":  # re-encode as implicit VR
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        ds.file_meta.TransferSyntaxUID = syntax
+        buf = io.BytesIO()
+        ds.save_as(buf, implicit_vr=True, little_endian=True, enforce_file_format=True)
+        raw = buf.getvalue()
+        assert pydicom.dcmread(io.BytesIO(raw)).original_encoding == (True, True)
+    (s,) = decode_frames(raw, source="in-place.dcm")
+    assert s.stored is not None and np.shares_memory(s.stored, np.frombuffer(raw, np.uint8))
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    np.testing.assert_array_equal(s.stored, ds.pixel_array)
+    np.testing.assert_array_equal(s.modality_values(), hu.astype(np.float32))
+    with pytest.raises(DicomInputError, match="in-place.dcm"):
+        decode_frames(raw[:-100], source="in-place.dcm")
