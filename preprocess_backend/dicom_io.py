@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from preprocess_backend.errors import DicomInputError, LimitExceeded
 from preprocess_backend.types import Limits
@@ -278,9 +278,17 @@ def _inflate(body: bytes, label: str, max_bytes: int, deadline: float) -> list[b
 
 
 def _parse(
-    src: bytes | BinaryIO, source: str, stop_before_pixels: bool, limits: Limits | None = None
+    src: bytes | BinaryIO, source: str, stop_before_pixels: bool, limits: Limits | None = None, pixels_in_place: bool = False
 ) -> Dataset:
-    """Parse a Part-10 stream, bounded: deflate inflated up to a byte bound, the parse under a deadline."""
+    """Parse a Part-10 stream, bounded: deflate inflated up to a byte bound, the parse under a deadline.
+
+    ``pixels_in_place`` (bytes in a native little-endian syntax): pydicom copies a 512 x 512 slice's
+    512 KiB PixelData when it reads it, and its per-element work around that copy cost more than
+    the copy (dcmread 0.44 -> 0.25 ms per slice without it). So the header is parsed up to
+    PixelData and the value is left in ``src`` as a memoryview (``_pixel_bytes``). When the element
+    is not one defined-length PixelData that ends the item, the item is parsed whole, as without
+    the flag, so pydicom's handling and messages stay for every unusual file.
+    """
     limits = limits or DEFAULT_LIMITS
     started = time.monotonic()  # one budget for inflation and parsing together
     fp: BinaryIO = io.BytesIO(src) if isinstance(src, bytes | bytearray) else src
@@ -305,7 +313,6 @@ def _parse(
         inflated = _inflate(body, label, max_inflated, started + deadline)
         from pydicom.filebase import DicomBytesIO
         from pydicom.filewriter import write_file_meta_info
-        from pydicom.uid import ExplicitVRLittleEndian
 
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         buf = DicomBytesIO()
@@ -313,12 +320,11 @@ def _parse(
         fp = io.BytesIO(b"".join([head, buf.getvalue(), *inflated]))
     else:
         fp.seek(0)
+    in_place = pixels_in_place and not stop_before_pixels and isinstance(src, bytes) and syntax in _IN_PLACE_SYNTAXES
     reader = _DeadlineReader(fp, started + deadline)
     try:
         # Raw element bytes are read now; values convert lazily, so every later access goes via _get.
-        ds = pydicom.dcmread(reader, stop_before_pixels=stop_before_pixels)  # type: ignore[arg-type]
-        if stop_before_pixels and syntax != DEFLATED:  # where PixelData starts in ``src`` (inflated data: elsewhere)
-            object.__setattr__(ds, "_ctlesion_stop_offset", fp.tell())
+        ds = pydicom.dcmread(reader, stop_before_pixels=stop_before_pixels or in_place)  # type: ignore[arg-type]
     except DicomInputError:
         raise
     except (_ParseTimeout, Exception) as exc:  # pydicom raises many types (EOFError, struct.error, ...)
@@ -329,38 +335,21 @@ def _parse(
         raise DicomInputError(label, f"unreadable DICOM ({_why(exc)})") from None
     if syntax == DEFLATED:
         ds.file_meta.TransferSyntaxUID = DEFLATED  # what the sender wrote; pixels are native after inflation
+    if in_place:
+        view = _pixel_element_view(src, fp.tell(), explicit=syntax == ExplicitVRLittleEndian)  # type: ignore[arg-type]
+        if view is None:  # empty, encapsulated, truncated, elements after PixelData, ...: parse it whole
+            return _parse(src, source, stop_before_pixels, limits)
+        object.__setattr__(ds, _PIXEL_VIEW, view)
     return ds
 
 
 _PIXEL_VIEW = "_ctlesion_pixel_view"  # instance attribute: PixelData's bytes as a view of the request
-_VIEW_SYNTAXES = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # -> explicit VR
-
-
-def _parse_with_pixel_view(raw: bytes, name: str, limits: Limits) -> Dataset:
-    """``_parse`` of a whole item, with native little-endian PixelData left in ``raw``.
-
-    pydicom copies a 512 x 512 slice's 512 KiB PixelData value when it reads it, and its per-element
-    work around that copy cost more than the copy itself (dcmread 0.44 -> 0.25 ms per slice without
-    it). The header is parsed up to PixelData (``stop_before_pixels``). The PixelData element is then
-    read from ``raw`` in place: one element header, and the value becomes a memoryview of
-    ``raw``. Anything other than one defined-length (7FE0,0010) element that ends the item is
-    parsed whole, as before, so pydicom's own handling and messages stay for every unusual file.
-    Such files are encapsulated, deflated, big-endian, float pixels, truncated or missing pixels,
-    or have elements after PixelData.
-    """
-    ds = _parse(raw, name, stop_before_pixels=True, limits=limits)
-    explicit = _VIEW_SYNTAXES.get(str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "")
-    pos = ds.__dict__.get("_ctlesion_stop_offset")
-    view = None if explicit is None or pos is None else _pixel_element_view(raw, int(pos), explicit)
-    if view is None:
-        return _parse(raw, name, stop_before_pixels=False, limits=limits)
-    object.__setattr__(ds, _PIXEL_VIEW, view)
-    return ds
+_IN_PLACE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 
 
 def _pixel_element_view(raw: bytes, pos: int, explicit: bool) -> memoryview | None:
     """The value of the (7FE0,0010) element starting at ``pos`` in ``raw``, or None when that is
-    not a defined-length PixelData element lying wholly inside ``raw``."""
+    not a non-empty, defined-length PixelData element that ends ``raw``."""
     if pos + 8 > len(raw) or struct.unpack_from("<HH", raw, pos) != (0x7FE0, 0x0010):
         return None
     if explicit:
@@ -856,7 +845,7 @@ def decode_frames(
     """
     limits = limits or DEFAULT_LIMITS
     raw, name = _read_bytes(data, source, limits)
-    ds = _parse_with_pixel_view(raw, name, limits)
+    ds = _parse(raw, name, stop_before_pixels=False, limits=limits, pixels_in_place=True)
     warnings: list[str] = []
     ident = _identity(ds, warnings)
     label = name or ident["sop_instance_uid"] or f"<{len(raw)} bytes>"
