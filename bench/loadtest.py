@@ -25,11 +25,13 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ctlesion_bench import stack_dumps
 from ctlesion_bench.common import (
     DEFAULT_CHECKPOINT,
     REPO_ROOT,
@@ -146,8 +148,46 @@ def run_locust(url: str, cfg: LoadtestConfig, series_dir: Path) -> int:
     env = dict(os.environ, CTLESION_SERIES_DIR=str(series_dir), CTLESION_SLAB_SIZE=str(cfg.slab_size or ""))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     log.info("locust: %s", " ".join(cmd))
-    with open(cfg.out / "locust.log", "wb") as logf:
-        return subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, check=False).returncode
+    budget_s = cfg.warmup_s + parse_duration_s(cfg.run_time) + cfg.stop_timeout_s + LOCUST_STARTUP_S
+    log_path = cfg.out / "locust.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):  # the locustfile writes its stacks to locust.log
+                for sig in (stack_dumps.THREAD_SIGNAL, stack_dumps.GREENLET_SIGNAL):
+                    proc.send_signal(sig)
+                    time.sleep(1.0)
+            raise LocustHung(f"locust ran past its {budget_s:.0f} s budget and was stopped; its stacks and "
+                             f"output: {log_path}\n{_tail(log_path)}") from None  # fmt: skip
+        finally:
+            stop_process(proc)
+
+
+LOCUST_STARTUP_S = 90.0  # reading the series and planning slabs before the run; then locust's own exit
+
+
+class LocustHung(RuntimeError):
+    """locust did not exit within run time + stop timeout + start-up allowance."""
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``; always reaped, so no zombie is left for the caller."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 @dataclass

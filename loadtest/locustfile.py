@@ -35,6 +35,10 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
 
+from ctlesion_bench import stack_dumps  # noqa: E402
+
+stack_dumps.install()  # ctlesion loadtest asks for stacks before it kills a hung run
+
 MODEL = os.environ.get("CTLESION_MODEL", "lesion_detection")
 SLAB_SIZE = int(os.environ["CTLESION_SLAB_SIZE"]) if os.environ.get("CTLESION_SLAB_SIZE") else None
 TIMEOUT_S = float(os.environ.get("CTLESION_TIMEOUT_S", "120"))
