@@ -110,10 +110,16 @@ class _ClientBase:
             score_threshold=threshold,
         )
 
-    def _cube_requests(self, prepared: PreparedSeries, result: SeriesResult, detect: DetectOptions) -> list[fpr_pass.CubeRequest]:
+    def _cube_requests(self, prepared: PreparedSeries, result: SeriesResult, detect: DetectOptions,
+                       followups: list[int] | None = None) -> list[fpr_pass.CubeRequest]:  # fmt: skip
+        """The FPR requests of a series; ``followups``: only those lesions, with their airway probes' whole window."""
         if not (detect.fpr and self._fpr is not None and result.lesions and prepared.geometry is not None and prepared.merge):
             return []
-        return fpr_pass.plan_cube_requests(result.lesions, prepared.geometry, self._fpr.spec)
+        if followups is None:
+            return fpr_pass.plan_cube_requests(result.lesions, prepared.geometry, self._fpr.spec)
+        subset = [result.lesions[i] for i in followups]
+        plans = fpr_pass.plan_cube_requests(subset, prepared.geometry, self._fpr.spec, probe_window=True)
+        return [replace(r, lesions=tuple(followups[i] for i in r.lesions)) for r in plans]
 
     def _cube_kwargs(self, prepared: PreparedSeries, result: SeriesResult, request: fpr_pass.CubeRequest) -> dict[str, Any]:
         slices = [item.read() for item in prepared.items[request.start : request.stop]]
@@ -233,7 +239,7 @@ class _ClientBase:
         return plan, parse_response(result), time.perf_counter() - t0
 
     def _cube_steps(self, prepared: PreparedSeries, result: SeriesResult, request: fpr_pass.CubeRequest) -> Steps[tuple[list[int], Any]]:
-        """One FPR request: the cubes of some lesions -> their probabilities."""
+        """One FPR request: the cubes of some lesions -> their probabilities and airway probes."""
         kwargs = yield Offload(self._cube_kwargs, (prepared, result, request))
         out = yield Rpc(lambda t: t.infer(**kwargs), self.options.retry)
         return list(request.lesions), fpr_pass.probabilities(out)
@@ -249,13 +255,34 @@ class _ClientBase:
         result = self._finish(prepared, tally, detect, started, time.perf_counter() - t0)
         t1, answers, cubes = time.perf_counter(), [], self._cube_jobs(prepared, result, final)
         yield Gather(cubes, answers.append)
-        return self._second_pass(result, len(cubes), answers, final, t1, started)
+        probs, probes = self._gathered(len(result.lesions), answers) if cubes else (None, None)
+        followups = fpr_pass.probe_followups(result.lesions, probes)
+        if followups:  # airway probes that reached the end of the slices sent: their whole window
+            again: list[tuple[list[int], Any]] = []
+            yield Gather(self._cube_jobs(prepared, result, final, followups), again.append)
+            for lesions, (_, p) in again:
+                if p is not None:
+                    probes[lesions] = p  # type: ignore[index]
+        return self._second_pass(result, probs, probes, final, t1, started)
 
     def _slab_jobs(self, prepared: PreparedSeries, detect: DetectOptions, tally: SlabTally) -> list[Callable[[], Steps[SlabOutcome]]]:
         return [lambda plan=plan: self._slab_steps(prepared, plan, detect, tally.retries) for plan in prepared.plans]
 
-    def _cube_jobs(self, prepared: PreparedSeries, result: SeriesResult, detect: DetectOptions) -> list[Callable[[], Steps[Any]]]:
-        return [lambda r=r: self._cube_steps(prepared, result, r) for r in self._cube_requests(prepared, result, detect)]
+    def _cube_jobs(self, prepared: PreparedSeries, result: SeriesResult, detect: DetectOptions,
+                   followups: list[int] | None = None) -> list[Callable[[], Steps[Any]]]:  # fmt: skip
+        return [lambda r=r: self._cube_steps(prepared, result, r) for r in self._cube_requests(prepared, result, detect, followups)]
+
+    @staticmethod
+    def _gathered(n: int, answers: list[tuple[list[int], Any]]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-lesion FPR probabilities (NaN where no cube came back) and airway probes (None: an old server)."""
+        probs = np.full(n, np.nan, dtype=np.float32)
+        probes = None
+        for lesions, (p, pr) in answers:
+            probs[lesions] = p
+            if pr is not None:
+                probes = np.full((n, pr.shape[1]), np.nan, dtype=np.float32) if probes is None else probes
+                probes[lesions] = pr
+        return probs, probes
 
     def _finish(self, prepared: PreparedSeries, tally: SlabTally, detect: DetectOptions, started: float, infer_s: float) -> SeriesResult:
         result = finish(prepared, tally.results, self.planning_options(), detect, tally.timings(infer_s), tally.retries)
@@ -267,14 +294,11 @@ class _ClientBase:
         )
         return result
 
-    def _second_pass(self, result: SeriesResult, jobs: int, answers: list[tuple[list[int], Any]], detect: DetectOptions,
-                     fpr_started: float, started: float) -> SeriesResult:
-        """FPR probabilities (none when no cube was sent) -> rescored, filtered lesions; total time."""
-        probs = None
-        if jobs:
-            probs = np.full(len(result.lesions), np.nan, dtype=np.float32)
-            for lesions, p in answers:
-                probs[lesions] = p
+    def _second_pass(self, result: SeriesResult, probs: np.ndarray | None, probes: np.ndarray | None, detect: DetectOptions,
+                     fpr_started: float, started: float) -> SeriesResult:  # fmt: skip
+        """FPR probabilities (None when no cube was sent), airway lumens vetoed -> rescored, filtered lesions; total time."""
+        if probs is not None:
+            probs = fpr_pass.vetoed(probs, probes, result.lesions)
         result = self._complete(result, probs, detect, time.perf_counter() - fpr_started)
         result.timings["total_s"] = time.perf_counter() - started
         return result

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from preprocess_backend.airways import request_half_mm, undecided, veto_airways
 from preprocess_backend.cubes import CubeSpec, slice_range_for
 from preprocess_backend.lesion_filters import LesionFilter, filter_lesions
 from preprocess_backend.rescoring import apply_fpr, check_rule
@@ -68,10 +69,15 @@ class CubeRequest:
 
 
 def plan_cube_requests(
-    lesions: Sequence[Lesion], geometry: SeriesGeometry, spec: CubeSpec, max_slices: int = MAX_CUBE_REQUEST_SLICES
+    lesions: Sequence[Lesion], geometry: SeriesGeometry, spec: CubeSpec, max_slices: int = MAX_CUBE_REQUEST_SLICES,
+    probe_window: bool = False,
 ) -> list[CubeRequest]:
-    """Group lesions by z into requests whose slice range stays within ``max_slices``."""
-    ranges = [slice_range_for(geometry, np.asarray([les.centre_mm]), spec) for les in lesions]
+    """Group lesions by z into requests whose slice range stays within ``max_slices``; each lesion's
+    slices cover its cube, or with ``probe_window`` its airway probe's whole window too
+    (``preprocess_backend.airways``: the follow-up for the lesions the first answer left undecided).
+    Indices in the requests are positions in ``lesions``."""
+    ranges = [slice_range_for(geometry, np.asarray([les.centre_mm]), spec,
+                              half_mm=request_half_mm(les.diameter_mm, spec) if probe_window else None) for les in lesions]  # fmt: skip
     order = sorted(range(len(lesions)), key=lambda i: ranges[i])
     out: list[CubeRequest] = []
     cur: list[int] = []
@@ -99,8 +105,24 @@ def cube_inputs(slices: Sequence[bytes], centres_mm: np.ndarray) -> list[grpccli
     return [dicom, c]
 
 
-def probabilities(result: Any) -> np.ndarray:
-    return np.asarray(result.as_numpy("probability"), dtype=np.float32).reshape(-1)
+def probabilities(result: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the classifier's probabilities [N], the airway probes [N, planes]); a server from before the
+    airway probe sends no ``airway_hu``: None, and nothing is vetoed."""
+    probs = np.asarray(result.as_numpy("probability"), dtype=np.float32).reshape(-1)
+    probes = result.as_numpy("airway_hu")
+    return probs, None if probes is None else np.asarray(probes, dtype=np.float32).reshape(probs.size, -1)
+
+
+def probe_followups(lesions: Sequence[Lesion], probes: np.ndarray | None) -> list[int]:
+    """Lesions whose airway decision needs the probe's whole window (``undecided``)."""
+    if probes is None or not len(lesions):
+        return []
+    return [int(i) for i in np.flatnonzero(undecided(probes, [les.diameter_mm for les in lesions]))]
+
+
+def vetoed(probs: np.ndarray, probes: np.ndarray | None, lesions: Sequence[Lesion]) -> np.ndarray:
+    """``probs`` with the airway lumens among ``lesions`` set to 0."""
+    return veto_airways(probs, probes, [les.diameter_mm for les in lesions])
 
 
 def finalize(

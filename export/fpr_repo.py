@@ -1,10 +1,11 @@
 """The 3D false-positive-reduction models of a Triton repository, and their ensemble ``lesion_fpr``.
 
   fpr_preprocess  (Python, no batching)  dicom [-1] BYTES + centres_mm [-1, 3] -> cubes [-1, D, H, W] uint8
+                   + airway_hu [-1, P] float32 (the airway probe: preprocess_backend.airways)
   fpr_classifier  (Python onnxruntime on CPU targets, onnxruntime_onnx on GPU targets; dynamic
                    batching over cubes of concurrent requests) cubes -> probability [1]
-  lesion_fpr      the ensemble of the two; the client calls it after linking the first pass's
-                   detections into 3D lesions (docs/contracts.md)
+  lesion_fpr      the ensemble of the two (probability, and airway_hu passed through); the client
+                   calls it after linking the first pass's detections into 3D lesions (docs/contracts.md)
 
 The classifier's config carries what the client needs to turn probabilities into findings: the
 rescoring rule, the operating threshold chosen on validation data and the candidate threshold.
@@ -19,11 +20,14 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from preprocess_backend.airways import PROBE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FPR_CHECKPOINT = REPO_ROOT / "models" / "ctlesion_fpr.pt"  # committed; the ONNX is built from it
 DEFAULT_FPR_ONNX = REPO_ROOT / "work" / "onnx" / "ctlesion_fpr.onnx"
 FPR_ENSEMBLE = "lesion_fpr"
 FPR_MAX_BATCH = 64
+AIRWAY_PLANES = PROBE.shape[0]
 
 
 def export_fpr_checkpoint(checkpoint: Path, onnx_path: Path) -> Path:
@@ -58,7 +62,7 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
     d, h, w = info.spec.shape
     pre = mc.ModelConfig(name="fpr_preprocess", backend="python", max_batch_size=0)
     _add_io(pre.input, [TensorSpec("dicom", "bytes", (-1,)), TensorSpec("centres_mm", "float32", (-1, 3))])
-    _add_io(pre.output, [TensorSpec("cubes", "uint8", (-1, d, h, w))])
+    _add_io(pre.output, [TensorSpec("cubes", "uint8", (-1, d, h, w)), TensorSpec("airway_hu", "float32", (-1, AIRWAY_PLANES))])
     _instance(pre, cube_instances, gpu=False)
     _params(pre, {"cube": json.dumps(info.spec.to_dict())})
     _params(pre, {f"limit_{k}": v for k, v in asdict(limits).items()})  # type: ignore[call-overload]
@@ -79,11 +83,12 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
 
     ens = mc.ModelConfig(name=FPR_ENSEMBLE, platform="ensemble", max_batch_size=0)
     _add_io(ens.input, [TensorSpec("dicom", "bytes", (-1,)), TensorSpec("centres_mm", "float32", (-1, 3))])
-    _add_io(ens.output, [TensorSpec("probability", "float32", (-1, 1))])
+    _add_io(ens.output, [TensorSpec("probability", "float32", (-1, 1)), TensorSpec("airway_hu", "float32", (-1, AIRWAY_PLANES))])
     step = ens.ensemble_scheduling.step.add(model_name="fpr_preprocess", model_version=-1)
     step.input_map["dicom"] = "dicom"
     step.input_map["centres_mm"] = "centres_mm"
     step.output_map["cubes"] = "cubes"
+    step.output_map["airway_hu"] = "airway_hu"  # straight to the client: its airway veto (preprocess_backend.airways)
     step = ens.ensemble_scheduling.step.add(model_name="fpr_classifier", model_version=-1)
     step.input_map["cubes"] = "cubes"
     step.output_map["probability"] = "probability"

@@ -219,14 +219,16 @@ def python_model_signature(name: str, config: mc.ModelConfig, model_dir: Path,
         fed = [TensorSig(t.name, "UINT8" if t.dtype == "FP32" else f"{t.dtype} (model.py casts uint8 to FP32)", t.shape)
                for t in sig.inputs]  # fmt: skip
         return Signature(fed, sig.outputs), f"{onnx_file.name} (run by model.py after its uint8 -> FP32 cast)"
-    if name == "fpr_preprocess":  # preprocess_backend.cubes.cubes_from_dicom: uint8 cubes of the declared geometry
+    if name == "fpr_preprocess":  # preprocess_backend.airways.cubes_and_probes: cubes of the declared geometry + probes
         import json
 
+        from preprocess_backend.airways import PROBE
         from preprocess_backend.cubes import CubeSpec
 
         spec = CubeSpec.from_dict(json.loads(params["cube"]))
         inputs = [TensorSig("dicom", "BYTES", (-1,)), TensorSig("centres_mm", "FP32", (-1, 3))]
-        return Signature(inputs, [TensorSig("cubes", "UINT8", (-1, *spec.shape))]), "cubes_from_dicom (what fpr_preprocess emits)"
+        outputs = [TensorSig("cubes", "UINT8", (-1, *spec.shape)), TensorSig("airway_hu", "FP32", (-1, PROBE.shape[0]))]
+        return Signature(inputs, outputs), "cubes_and_probes (what fpr_preprocess emits)"
     if "fpr_onnx_file" in params:  # fpr_classifier: model.py feeds the ONNX the tensors Triton gives it, as they are
         onnx_file = model_dir / "1" / params["fpr_onnx_file"]
         return onnx_signature(onnx_file), f"{onnx_file.name} (run by model.py as it is)"

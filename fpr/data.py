@@ -46,6 +46,14 @@ class EvalCase:
     cubes: np.ndarray  # one per lesion, same order
     truth_path: Path
     group: str = ""  # the validation set it came from (each --val of ctlesion_fpr.train is one group)
+    airway_hu: np.ndarray | None = None  # [lesions, planes] airway probes (None: mined before the probe)
+
+    def vetoed(self, probabilities: np.ndarray, keep: list[int]) -> np.ndarray:
+        """``probabilities`` of lesions ``keep`` with airway lumens set to 0, as the client does."""
+        from preprocess_backend.airways import veto_airways
+
+        probes = None if self.airway_hu is None else self.airway_hu[keep]
+        return veto_airways(probabilities, probes, [self.lesions[i].diameter_mm for i in keep])
 
 
 def load_eval(mined_dir: Path, cases_dir: Path) -> list[EvalCase]:
@@ -64,5 +72,6 @@ def load_eval(mined_dir: Path, cases_dir: Path) -> list[EvalCase]:
             first = first[idx[first] >= 0]
             cubes[idx[first]] = z["cubes"][first]
             case_id = str(z["case_id"])
-        out.append(EvalCase(case_id, lesions, cubes, Path(cases_dir) / case_id / "truth.json", str(cases_dir)))
+            probes = z["airway_hu"] if "airway_hu" in z.files else None
+        out.append(EvalCase(case_id, lesions, cubes, Path(cases_dir) / case_id / "truth.json", str(cases_dir), probes))
     return out

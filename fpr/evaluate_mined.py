@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         keep = [i for i, les in enumerate(c.lesions) if les.max_score >= info.candidate_threshold]
         lesions = [c.lesions[i] for i in keep]
         det_results.append(case_result(filter_lesions(lesions, size_rule), truth))
-        probs = predictor(c.cubes[keep]) if keep else []
+        probs = c.vetoed(predictor(c.cubes[keep]), keep) if keep else []
         fpr_results.append(case_result(filter_lesions(apply_fpr(lesions, probs, info.rule, info.coefficients), size_rule), truth))
     report: dict[str, object] = {"cases": len(cases), "fpr": {"onnx": str(a.fpr_onnx), "rule": info.rule,
                                  "operating_threshold": info.operating_threshold, "candidate_threshold": info.candidate_threshold}}  # fmt: skip

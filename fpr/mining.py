@@ -6,7 +6,8 @@ the candidate lesions; LUNA16 matching labels them (hit = nodule, ignored = neit
 positive); cubes are cut around each with ``preprocess_backend.cubes``. Training cases add
 augmented copies (in-plane rotation, scale, shift) and cubes centred on every truth nodule, so
 nodules the detector misses still teach the model. One ``.npz`` per case: resumable, and the
-detector never runs twice on a case.
+detector never runs twice on a case. Each candidate's airway probe (``preprocess_backend.airways``)
+is stored beside its cubes; ``--add-probes`` adds it to files mined before the probe existed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocess_backend.airways import probe_profiles
 from preprocess_backend.cubes import DEFAULT_CUBE, CubeSpec, decode_codes, extract_cubes
 from preprocess_backend.matching import match_lesions
 from preprocess_backend.series import SeriesGeometry
@@ -108,16 +110,41 @@ def mine_case(
         cubes = extract_cubes(codes, geometry, np.concatenate(centres), spec, rotation_rad=np.concatenate(rots), scale=np.concatenate(scales))
     else:
         cubes = np.zeros((0, *spec.shape), np.uint8)
+    _write(out_path, cubes=cubes, label=np.asarray(lab, np.int8), source=np.asarray(src, np.int8),
+           det_score=np.asarray(det, np.float32), lesion_index=np.asarray(lesion_index, np.int32),
+           lesions=np.asarray(json.dumps([les.to_dict() for les in lesions])), case_id=np.asarray(truth.case_id),
+           spec=np.asarray(json.dumps(spec.to_dict())), airway_hu=_probes(codes, geometry, lesions))  # fmt: skip
+    return {"lesions": len(lesions), "nodule": labels.count(LABEL_NODULE), "fp": labels.count(LABEL_FP), "cubes": int(cubes.shape[0])}
+
+
+def _probes(codes: list, geometry: SeriesGeometry, lesions: list[Lesion]) -> np.ndarray:
+    """float32 [lesions, planes]: each candidate lesion's airway probe, cut from the whole series."""
+    return probe_profiles(codes, geometry, np.asarray([les.centre_mm for les in lesions], np.float64).reshape(-1, 3))
+
+
+def _write(out_path: Path, **arrays: np.ndarray) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(f".{os.getpid()}.tmp.npz")  # several miners may share a folder
-    np.savez_compressed(
-        tmp, cubes=cubes, label=np.asarray(lab, np.int8), source=np.asarray(src, np.int8),
-        det_score=np.asarray(det, np.float32), lesion_index=np.asarray(lesion_index, np.int32),
-        lesions=np.asarray(json.dumps([les.to_dict() for les in lesions])), case_id=np.asarray(truth.case_id),
-        spec=np.asarray(json.dumps(spec.to_dict())),
-    )
+    np.savez_compressed(tmp, **arrays)
     tmp.replace(out_path)
-    return {"lesions": len(lesions), "nodule": labels.count(LABEL_NODULE), "fp": labels.count(LABEL_FP), "cubes": int(cubes.shape[0])}
+
+
+def add_probes(mined: Path, cases_dir: Path) -> int:
+    """Add the airway probes to mined files without them (no detector run); returns files updated."""
+    from tqdm import tqdm
+
+    files = [f for f in sorted(Path(mined).glob("*.npz")) if not f.name.endswith(".tmp.npz")]
+    done = 0
+    for f in tqdm(files, desc="probes", unit="case", file=sys.stderr):
+        with np.load(f) as z:
+            if "airway_hu" in z.files:
+                continue
+            arrays = {k: z[k] for k in z.files}
+        codes, geometry = series_codes(Path(cases_dir) / str(arrays["case_id"]))
+        arrays["airway_hu"] = _probes(codes, geometry, [Lesion.from_dict(d) for d in json.loads(str(arrays["lesions"]))])
+        _write(f, **arrays)
+        done += 1
+    return done
 
 
 def load_lesions(npz: np.lib.npyio.NpzFile) -> list[Lesion]:
@@ -132,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ctlesion_fpr.mining", description=__doc__.splitlines()[0])
     p.add_argument("--cases-dir", type=Path, required=True, help="phantom cases (DIR/<case>/series + truth.json)")
     p.add_argument("--out", type=Path, required=True, help="one <case_id>.npz per case")
-    p.add_argument("--onnx", type=Path, required=True, help="detector ONNX (fp32 or INT8) run as the server runs it")
+    p.add_argument("--onnx", type=Path, help="detector ONNX (fp32 or INT8) run as the server runs it")
+    p.add_argument("--add-probes", action="store_true",
+                   help="only add the airway probes to the files in --out that lack them (mined before the probe)")
     p.add_argument("--augment", action="store_true", help="training: augmented copies + truth-centred cubes")
     p.add_argument("--limit", type=int, default=0, help="at most this many cases (0: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -141,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
                    "FPR model's candidate threshold gives the lesions the client sends it, linked as the client links them")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if a.add_probes:
+        log.info("airway probes added to %d files in %s", add_probes(a.out, a.cases_dir), a.out)
+        return 0
+    if a.onnx is None:
+        p.error("--onnx is required to mine")
     predict_fn, info = onnx_predictor(a.onnx)
     options = info.options() if a.score_threshold is None else info.options(score_threshold=a.score_threshold)
     cases = sorted(d for d in a.cases_dir.iterdir() if (d / "truth.json").exists())

@@ -108,7 +108,7 @@ def _candidates(net: FprNet, cases: list[EvalCase], candidate_threshold: float, 
     truths = [CaseTruth.load(c.truth_path) for c in cases]
     kept = [[i for i, les in enumerate(c.lesions) if les.max_score >= candidate_threshold] for c in cases]
     lesions = [[c.lesions[i] for i in k] for c, k in zip(cases, kept, strict=True)]
-    probs = [predict_torch(net, c.cubes[k], flips=flips) if k else np.zeros(0, np.float32) for c, k in zip(cases, kept, strict=True)]
+    probs = [c.vetoed(predict_torch(net, c.cubes[k], flips=flips), k) if k else np.zeros(0, np.float32) for c, k in zip(cases, kept, strict=True)]
     return lesions, probs, truths
 
 

@@ -87,8 +87,11 @@ class SliceCodes:
         return hu_to_code(self.slice.modality_values_in(rows, cols), self.spec)
 
 
-def slice_range_for(geometry: SeriesGeometry, centres_mm: np.ndarray, spec: CubeSpec = DEFAULT_CUBE, margin: int = 1) -> tuple[int, int]:
-    """[start, stop) of the series slices that every cube centred on ``centres_mm`` [N, 3] reads.
+def slice_range_for(
+    geometry: SeriesGeometry, centres_mm: np.ndarray, spec: CubeSpec = DEFAULT_CUBE, margin: int = 1, half_mm: float | None = None
+) -> tuple[int, int]:
+    """[start, stop) of the series slices that every cube centred on ``centres_mm`` [N, 3] reads
+    (``half_mm``: a longer reach along z than the cube's, e.g. the airway probe's).
 
     The client sends exactly these slices with a cube request; nothing outside is needed.
     """
@@ -98,7 +101,7 @@ def slice_range_for(geometry: SeriesGeometry, centres_mm: np.ndarray, spec: Cube
     z = geometry.z
     order = np.argsort(z, kind="stable")
     w = centres @ geometry.normal
-    half = spec.half_extent_mm[0]
+    half = spec.half_extent_mm[0] if half_mm is None else max(float(half_mm), spec.half_extent_mm[0])
     lo = np.interp(w - half, z[order], order.astype(np.float64))
     hi = np.interp(w + half, z[order], order.astype(np.float64))
     start = max(0, int(np.floor(min(lo.min(), hi.min()))) - margin)
@@ -204,10 +207,16 @@ def cubes_from_dicom(dicom_items: Sequence[bytes], centres_mm: np.ndarray, spec:
     """The server side of a cube request: DICOM slices of one series (any order) + lesion centres ->
     uint8 cubes [N, D, H, W]. The client sends the slices ``slice_range_for`` names, so each cube
     here equals the one cut from the whole series (tests/test_fpr.py)."""
+    centres = check_centres(centres_mm)
+    codes, geometry = decode_codes(dicom_items, spec, options)
+    return extract_cubes(codes, geometry, centres, spec)
+
+
+def check_centres(centres_mm: np.ndarray) -> np.ndarray:
+    """float64 [N, 3] lesion centres of a request, or the reason it is refused."""
     centres = np.asarray(centres_mm, dtype=np.float64)
     if centres.ndim != 2 or centres.shape[1] != 3:
         raise DicomInputError("centres_mm", f"expected [N, 3] lesion centres in mm, got shape {list(centres.shape)}")
     if not np.all(np.isfinite(centres)):
         raise DicomInputError("centres_mm", "lesion centres must be finite")
-    codes, geometry = decode_codes(dicom_items, spec, options)
-    return extract_cubes(codes, geometry, centres, spec)
+    return centres

@@ -167,3 +167,37 @@ def series_bytes(
 
 def phantom_series(phantom: ChestPhantom, **kwargs: object) -> list[bytes]:
     return series_bytes(phantom.volume, spacing=phantom.spacing, slice_spacing=phantom.slice_spacing, z0=phantom.z0, **kwargs)  # type: ignore[arg-type]
+
+
+@dataclass
+class AirwayPhantom:
+    volume: np.ndarray  # float32 HU [Z, H, W]
+    structures: dict[str, tuple[tuple[float, float, float], float]]  # name -> (centre LPS mm, outer diameter mm)
+    spacing: tuple[float, float] = (0.7, 0.7)
+    slice_spacing: float = 1.5
+    z0: float = -100.0
+
+
+def airway_phantom(z: int = 80, size: int = 128) -> AirwayPhantom:
+    """Lung-density field (-850 HU) in soft tissue with a trachea-like tube (20 mm lumen, 3 mm wall)
+    along the whole series, a 24 mm cavitary nodule (2.5 mm wall), a 10 mm solid nodule and a
+    16 mm cavitary nodule cut by the first slice. 0.7 mm pixels, 1.5 mm slices, slice i at
+    z0 + 1.5 i (the geometry ``series_bytes`` writes)."""
+    px, dz, z0 = 0.7, 1.5, -100.0
+    zz, yy, xx = np.meshgrid(np.arange(z) * dz + z0, (np.arange(size) - size / 2) * px, (np.arange(size) - size / 2) * px, indexing="ij")
+    vol = np.full(zz.shape, -850.0, np.float32)
+    vol[np.hypot(yy, xx) > 42] = 40.0
+    tube = np.hypot(yy, xx + 20.0)
+    vol[tube <= 13.0] = 40.0
+    vol[tube <= 10.0] = -1000.0
+    r = np.sqrt((zz + 40.0) ** 2 + (yy - 20.0) ** 2 + (xx - 20.0) ** 2)
+    vol[r <= 12.0] = 40.0
+    vol[r <= 9.5] = -1000.0
+    r = np.sqrt((zz + 60.0) ** 2 + (yy + 20.0) ** 2 + (xx - 20.0) ** 2)
+    vol[r <= 5.0] = 40.0
+    r = np.sqrt((zz - z0) ** 2 + (yy - 20.0) ** 2 + (xx + 20.0) ** 2)
+    vol[(r <= 8.0) & (tube > 13.0)] = 40.0
+    vol[(r <= 6.0) & (tube > 13.0)] = -1000.0
+    structures = {"tube": ((-20.0, 0.0, -40.0), 26.0), "cavity": ((20.0, 20.0, -40.0), 24.0),
+                  "solid": ((20.0, -20.0, -60.0), 10.0), "cut cavity": ((-20.0, 20.0, z0), 16.0)}  # fmt: skip
+    return AirwayPhantom(vol, structures, (px, px), dz, z0)

@@ -2,7 +2,8 @@
 
 What the client does after its ``lesion_fpr`` requests (client/fpr.py), with the same shared code:
 cubes cut by ``preprocess_backend.cubes`` from the case's series, the served ONNX in onnxruntime
-(``ctlesion_fpr.predict``), rescoring by the rule the model declares and ``filter_lesions``.
+(``ctlesion_fpr.predict``), the airway veto (``preprocess_backend.airways``), rescoring by the rule
+the model declares and ``filter_lesions``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocess_backend.airways import probe_profiles, veto_airways
 from preprocess_backend.cubes import decode_codes, extract_cubes
 from preprocess_backend.lesion_filters import LesionFilter, filter_lesions
 from preprocess_backend.rescoring import apply_fpr
@@ -37,8 +39,10 @@ class FprStage:
         from damoyolo.eval.runner import series_files
 
         codes, geometry = decode_codes([p.read_bytes() for p in series_files(case_dir)], self.info.spec)
-        cubes = extract_cubes(codes, geometry, np.asarray([les.centre_mm for les in lesions]), self.info.spec)
-        return self.predict(cubes)
+        centres = np.asarray([les.centre_mm for les in lesions])
+        cubes = extract_cubes(codes, geometry, centres, self.info.spec)
+        probes = probe_profiles(codes, geometry, centres)
+        return veto_airways(self.predict(cubes), probes, [les.diameter_mm for les in lesions])
 
     def rescore(self, case_dir: Path, lesions: Sequence[Lesion]) -> list[Lesion]:
         return apply_fpr(lesions, self.probabilities(case_dir, lesions), self.info.rule, self.info.coefficients)
