@@ -263,7 +263,7 @@ class _ClientBase:
             for lesions, (_, p) in again:
                 if p is not None:
                     probes[lesions] = p  # type: ignore[index]
-        return self._second_pass(result, probs, probes, final, t1, started)
+        return self._second_pass(result, probs, probes, final, t1, started, len(followups))
 
     def _slab_jobs(self, prepared: PreparedSeries, detect: DetectOptions, tally: SlabTally) -> list[Callable[[], Steps[SlabOutcome]]]:
         return [lambda plan=plan: self._slab_steps(prepared, plan, detect, tally.retries) for plan in prepared.plans]
@@ -295,11 +295,16 @@ class _ClientBase:
         return result
 
     def _second_pass(self, result: SeriesResult, probs: np.ndarray | None, probes: np.ndarray | None, detect: DetectOptions,
-                     fpr_started: float, started: float) -> SeriesResult:  # fmt: skip
+                     fpr_started: float, started: float, followups: int = 0) -> SeriesResult:  # fmt: skip
         """FPR probabilities (None when no cube was sent), airway lumens vetoed -> rescored, filtered lesions; total time."""
+        vetoed = 0
         if probs is not None:
+            before = probs
             probs = fpr_pass.vetoed(probs, probes, result.lesions)
+            vetoed = int(np.sum((probs == 0) & (before != 0)))
         result = self._complete(result, probs, detect, time.perf_counter() - fpr_started)
+        if result.options.get("fpr") is not None:  # how many candidates the airway probe removed, and its extra requests
+            result.options["fpr"].update(airway_vetoed=vetoed, airway_followups=followups)
         result.timings["total_s"] = time.perf_counter() - started
         return result
 

@@ -24,7 +24,8 @@ def test_served_fpr_rescoring_equals_the_evaluation_pipeline(triton: object, pha
     with LesionClient(triton.grpc_url) as client:  # type: ignore[attr-defined]
         served = client.detect_series(phantom_case / "series")
     assert served.options["fpr"] == {"rule": info.rule, "operating_threshold": info.operating_threshold,
-                                     "candidate_threshold": info.candidate_threshold}  # fmt: skip
+                                     "candidate_threshold": info.candidate_threshold,
+                                     "airway_vetoed": 0, "airway_followups": 0}  # fmt: skip
     assert served.candidates >= len(served.lesions) > 0
     assert all(les.fpr_probability is not None and les.detector_score is not None for les in served.lesions)
     assert all(les.max_score >= info.operating_threshold for les in served.lesions)
@@ -74,6 +75,7 @@ def test_served_airway_veto_equals_the_evaluation_pipeline(triton: object, tmp_p
     local = second_stage(series.parent, candidates, stage, LesionFilter(3.0, 30.0, info.operating_threshold))
     with LesionClient(triton.grpc_url) as client:  # type: ignore[attr-defined]
         served = client.detect_series(series)
+    assert served.options["fpr"]["airway_vetoed"] == len(tubes) and served.options["fpr"]["airway_followups"] >= 1
     assert len(served.lesions) == len(local) >= 2
     for a, b in zip(sorted(local, key=lambda x: x.centre_mm), sorted(served.lesions, key=lambda x: x.centre_mm), strict=True):
         np.testing.assert_allclose(a.centre_mm, b.centre_mm, atol=0.05)
