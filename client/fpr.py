@@ -29,7 +29,11 @@ FPR_MODEL = "lesion_fpr"
 FPR_CLASSIFIER = "fpr_classifier"
 # without FPR the detector's score is the confidence: the server's own default, the article's 0.3
 ARTICLE_SCORE_THRESHOLD = Options().score_threshold
-MAX_CUBE_REQUEST_SLICES = 96
+# Smaller requests spread a series' cubes over the fpr_preprocess instances and let the classifier
+# start on the first while the next decode: at 96 the 300-slice bench series made 3 requests (the third
+# decoded alone on one core), at 48 eight; the FPR pass took 1.18 s against 1.69 (median of 4
+# alternating rounds on one server, same lesions; bench/RESULTS.md), at 32 1.40 (more slices resent).
+MAX_CUBE_REQUEST_SLICES = 48
 
 
 @dataclass(frozen=True)

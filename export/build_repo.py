@@ -90,6 +90,7 @@ class RepoConfig:
     preprocess_instances: int = 2
     postprocess_instances: int = 1
     intra_op_threads: int = 0
+    fpr_intra_op_threads: int = 1  # the CPU FPR classifier's onnxruntime threads (ctlesion_export.fpr_repo)
     # onnxruntime's memory pattern caches one planned block per input shape on top of the arena: with
     # the batcher's varying batch sizes it held 1.77 GiB vs 1.04 GiB at the same speed (docs/reliability.md)
     ort_mem_pattern: bool = False
@@ -414,7 +415,8 @@ def build_repository(
     if fpr_onnx is not None:
         from ctlesion_export.fpr_repo import add_fpr_models
 
-        add_fpr_models(out, Path(fpr_onnx), cfg.target, cfg.limits, cube_instances=cfg.preprocess_instances)
+        add_fpr_models(out, Path(fpr_onnx), cfg.target, cfg.limits, cube_instances=cfg.preprocess_instances,
+                       classifier_threads=cfg.fpr_intra_op_threads)
     report = check_io(out, cfg, onnx_path)
     (out / "BUILD.json").write_text(
         json.dumps({"onnx": str(onnx_path), "fpr_onnx": None if fpr_onnx is None else str(fpr_onnx), "model": asdict_info(info), "config": asdict(cfg),
@@ -517,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preprocess-instances", type=int, default=2)
     parser.add_argument("--postprocess-instances", type=int, default=1)
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (cpu target; 0 = all cores)")
+    parser.add_argument("--fpr-intra-op-threads", type=int, default=1,
+                        help="onnxruntime threads of the FPR classifier (cpu target; 0 = all cores)")
     parser.add_argument("--ort-mem-pattern", action="store_true",
                         help="cpu target: enable onnxruntime's memory pattern (more memory, no faster here)")  # fmt: skip
     parser.add_argument("--ort-max-run-batch", type=int, default=8, metavar="N",
@@ -570,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         preprocess_instances=args.preprocess_instances,
         postprocess_instances=args.postprocess_instances,
         intra_op_threads=args.intra_op_threads,
+        fpr_intra_op_threads=args.fpr_intra_op_threads,
         ort_mem_pattern=args.ort_mem_pattern,
         ort_max_run_batch=args.ort_max_run_batch,
         trt_precision=args.trt_precision,

@@ -51,10 +51,13 @@ def default_fpr_onnx(checkpoint: Path = DEFAULT_FPR_CHECKPOINT, onnx_path: Path 
 
 
 def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1, queue_delay_us: int = 2000,
-                cube_instances: int = 1) -> dict[str, mc.ModelConfig]:
+                cube_instances: int = 1, classifier_threads: int = 1) -> dict[str, mc.ModelConfig]:
     """name -> ModelConfig of the three FPR models for ``target`` (cpu | gpu-*). ``cube_instances``:
     ``fpr_preprocess`` decodes DICOM like ``preprocess`` and is scaled with it (a series' cube
-    requests arrive together, after its last slab, while the detector idles)."""
+    requests arrive together, after its last slab, while the detector idles). ``classifier_threads``:
+    onnxruntime threads of the CPU classifier (0 = all cores); one, without spinning, because it runs
+    beside the cube decoding and other series' slabs: at 29 cubes a run it took 190 ms of CPU on one
+    thread against 290 on two (bench/RESULTS.md)."""
     from ctlesion_export.build_repo import TensorSpec, _add_io, _instance, _params
     from ctlesion_fpr.predict import read_meta
 
@@ -69,7 +72,7 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
 
     if target == "cpu":
         cls = mc.ModelConfig(name="fpr_classifier", backend="python", max_batch_size=FPR_MAX_BATCH)
-        _params(cls, {"fpr_onnx_file": "model.onnx", "intra_op_threads": 0})
+        _params(cls, {"fpr_onnx_file": "model.onnx", "intra_op_threads": classifier_threads, "allow_spinning": "0"})
     else:
         cls = mc.ModelConfig(name="fpr_classifier", platform="onnxruntime_onnx", max_batch_size=FPR_MAX_BATCH)
     _add_io(cls.input, [TensorSpec("cubes", "uint8", (d, h, w))])
@@ -95,12 +98,14 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
     return {"fpr_preprocess": pre, "fpr_classifier": cls, FPR_ENSEMBLE: ens}
 
 
-def add_fpr_models(out: Path, fpr_onnx: Path, target: str, limits: object, cube_instances: int = 1) -> None:
+def add_fpr_models(out: Path, fpr_onnx: Path, target: str, limits: object, cube_instances: int = 1,
+                   classifier_threads: int = 1) -> None:
     """Write the FPR models into the repository ``out`` (the served ONNX is a uint8-input graph
     already, so every target serves the same file)."""
     from ctlesion_export.build_repo import SOURCES, _write_config
 
-    for name, config in fpr_configs(fpr_onnx, target, limits, cube_instances=cube_instances).items():
+    for name, config in fpr_configs(fpr_onnx, target, limits, cube_instances=cube_instances,
+                                       classifier_threads=classifier_threads).items():
         _write_config(out / name, config)
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         source = SOURCES / name / "1" / "model.py"

@@ -44,13 +44,15 @@ def read_meta(path: Path) -> FprModelInfo:
 class FprPredictor:
     """uint8 cubes [N, D, H, W] -> nodule probability [N]."""
 
-    def __init__(self, path: Path, threads: int = 0) -> None:
+    def __init__(self, path: Path, threads: int = 0, spinning: bool = True) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.log_severity_level = 3
         so.enable_mem_pattern = False
+        # served, idle spinning threads take the CPU the cube decoding beside them needs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.info = read_meta(Path(path))
 

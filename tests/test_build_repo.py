@@ -332,3 +332,20 @@ def test_the_served_scale_is_the_detectors_own(tmp_path: Path) -> None:
     assert (inspect_onnx(old).pixel_mm, inspect_onnx(old).context_mm) == (None, None)
     copy_scale_metadata(path, old)  # what quantize_int8 does to the INT8 model it writes
     assert inspect_onnx(old).scale() == {"pixel_mm": 0.75, "context_mm": 1.25}
+
+
+def test_cpu_fpr_classifier_runs_one_thread_without_spinning_by_default(small_onnx: Path, fpr_onnx: Path, tmp_path: Path) -> None:
+    from ctlesion_fpr.predict import FprPredictor
+
+    assert main(["--onnx", str(small_onnx), "--out", str(tmp_path / "a"), "--fpr-onnx", str(fpr_onnx)]) == 0
+    cls = _load(tmp_path / "a" / "fpr_classifier" / "config.pbtxt")
+    assert cls.parameters["intra_op_threads"].string_value == "1"
+    assert cls.parameters["allow_spinning"].string_value == "0"
+    assert main(["--onnx", str(small_onnx), "--out", str(tmp_path / "b"), "--fpr-onnx", str(fpr_onnx),
+                 "--fpr-intra-op-threads", "0"]) == 0  # fmt: skip
+    assert _load(tmp_path / "b" / "fpr_classifier" / "config.pbtxt").parameters["intra_op_threads"].string_value == "0"
+    # the predictor the served model builds takes both settings into its onnxruntime session
+    served = FprPredictor(fpr_onnx, threads=1, spinning=False).session.get_session_options()
+    assert served.intra_op_num_threads == 1
+    assert served.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert FprPredictor(fpr_onnx).session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"

@@ -21,7 +21,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         path = Path(args["model_repository"]) / args["model_version"] / params.get("fpr_onnx_file", "model.onnx")
-        self.predict = FprPredictor(path, threads=int(params.get("intra_op_threads", "0")))
+        self.predict = FprPredictor(path, threads=int(params.get("intra_op_threads", "0")),
+                                    spinning=params.get("allow_spinning", "0") == "1")
 
     def execute(self, requests: list) -> list:
         batches = [pb_utils.get_input_tensor_by_name(r, "cubes").as_numpy() for r in requests]
