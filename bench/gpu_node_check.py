@@ -5,9 +5,10 @@
 Steps, each recorded (or its error) in ``gpu_node.json`` so a partial run still says what it saw:
 1. the detector alone, in-process (``TorchDetector``: fp16, CUDA graphs, uint8 copied in, float32
    out, as the served model runs it): slices/s per batch bucket;
-2. ``build-repo --target gpu-torch`` (pre / post instances from this node's cores) and the real
-   tritonserver of the pytriton wheel on it;
-3. a 300-slice phantom series through the client library: seconds per series (median of 3);
+2. ``build-repo --target gpu-torch`` (pre / post instances from this node's cores, the FPR models
+   as the CLI adds them) and the real tritonserver of the pytriton wheel on it;
+3. a 300-slice phantom series through the client library, FPR second pass included: seconds per
+   series (median of 3);
 4. series throughput: concurrent clients, each sending the series again and again, slices/s;
    the detector's average batch from Triton's metrics;
 5. a short locust run (``ctlesion loadtest --url``) with the server's own view;
@@ -97,13 +98,13 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def detector_alone(checkpoint: Path, buckets: tuple[int, ...], seconds_each: float) -> list[dict[str, float]]:
+def detector_alone(checkpoint: Path, buckets: tuple[int, ...], seconds_each: float, device: str = "cuda") -> list[dict[str, float]]:
     """slices/s of the served code path (copy in, graph replay, copy out) per bucket, warm."""
     import numpy as np
 
     from ctlesion_export.torch_serving import TorchDetector, TorchServingConfig
 
-    det = TorchDetector(checkpoint, TorchServingConfig(device="cuda", buckets=buckets))
+    det = TorchDetector(checkpoint, TorchServingConfig(device=device, buckets=buckets))
     det.warmup()
     rng = np.random.default_rng(0)
     rows = []
@@ -121,7 +122,8 @@ def detector_alone(checkpoint: Path, buckets: tuple[int, ...], seconds_each: flo
     del det
     import torch
 
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -199,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--throughput-seconds", type=float, default=40.0)
     p.add_argument("--locust-users", type=int, default=32)
     p.add_argument("--locust-run-time", default="40s")
+    p.add_argument("--fpr-onnx", type=Path, default=None,
+                   help="the FPR classifier served as lesion_fpr (default: the committed one's ONNX, exported if missing)")
+    p.add_argument("--no-fpr", action="store_true", help="serve the detector ensemble alone, as before the FPR")
+    p.add_argument("--device", default="cuda", help="the detector-alone step's device (cpu: a dry run of this script)")
     p.add_argument("--torch-instance-kind", default="auto", choices=("auto", "gpu", "cpu"))
     p.add_argument("--start-timeout", type=float, default=150.0, help="seconds for tritonserver to become ready")
     args = p.parse_args(argv)
@@ -221,12 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         series = series_of(args.work / "phantoms", args.series_slices)
         report.environment["series_files"] = len(list(series.glob("*.dcm")))
     with Step(report, "detector_alone"):
-        report.detector_alone = detector_alone(args.checkpoint, buckets_up_to(cfg.max_batch_size), args.detector_seconds)
+        report.detector_alone = detector_alone(args.checkpoint, buckets_up_to(cfg.max_batch_size), args.detector_seconds,
+                                               args.device)
         report.detector_alone_best = max(report.detector_alone, key=lambda r: r["slices_per_s"])
     save()
     repo = args.work / "repo-gpu-torch"
     with Step(report, "build_repo"):
-        build_repository(None, repo, cfg, checkpoint=args.checkpoint)
+        from ctlesion_export.fpr_repo import default_fpr_onnx
+
+        fpr_onnx = None if args.no_fpr else (args.fpr_onnx or default_fpr_onnx())
+        build_repository(None, repo, cfg, checkpoint=args.checkpoint, fpr_onnx=fpr_onnx)
         report.repository = json.loads((repo / "BUILD.json").read_text())
     from ctlesion_client.server import TritonServer
 

@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# The gpu-torch target on a lent GPU machine, in ONE device call of about 6-8 minutes. NOT RUN YET:
-# no GPU was lent to the session that wrote it.
+# The gpu-torch target on a lent GPU machine, in ONE device call of about 5-7 minutes.
 #
 # Here first (network): bash bench/gpu_node_bundle.sh   -> .gpubundle/bundle.tar.xz (git-ignored)
 # Then one call of the device tool, e.g.
@@ -39,8 +38,13 @@ for name in tool["packages"]:
     if target.is_dir() and not link.exists():
         link.symlink_to(target)
 EOF
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c 'import numpy, torch, pydicom, tritonclient.grpc, locust; print("numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available())' || exit 2
+# The bundle first (its numpy 1.26 shadows the image's numpy 2), then this interpreter's own
+# site-packages by name: the Python-backend stub embeds libpython, and should it not see the venv, torch
+# must still be found.
+OWN_SITE=$("$PY" -c 'import site; print(":".join(site.getsitepackages()))')
+export PYTHONPATH="$SITE:$OWN_SITE${PYTHONPATH:+:$PYTHONPATH}"
+# What the Python-backend models import, under the bundle's numpy 1.26 (scipy and onnxruntime are the image's).
+"$PY" -c 'import numpy, torch, pydicom, tritonclient.grpc, locust, scipy, scipy.ndimage, scipy.sparse, onnxruntime; print("numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available(), "scipy", scipy.__version__, "onnxruntime", onnxruntime.__version__)' || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 df -h /dev/shm || true   # each Python-backend stub takes a 64 MiB shared-memory pool (16 stubs on 16 cores)
 
@@ -49,6 +53,11 @@ LIBDIR=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or
 for d in "$LIBDIR" "$(dirname "$(readlink -f "$(command -v "$PY")")")/../lib" /usr/lib/x86_64-linux-gnu /usr/local/lib; do
   if [ -e "$d/libpython3.12.so.1.0" ]; then export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; break; fi
 done
+if [ -z "${LD_LIBRARY_PATH:-}" ] || [ ! -e "${LD_LIBRARY_PATH%%:*}/libpython3.12.so.1.0" ]; then
+  found=$(find /usr /opt /root -name 'libpython3.12.so.1.0' 2>/dev/null | head -1)
+  [ -n "$found" ] && export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+echo "python $("$PY" -c 'import sys; print(sys.executable, sys.prefix, sys.base_prefix)'); LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 STUB="$SITE/pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub"
 if ldd "$STUB" | grep -q "not found"; then
   ldd "$STUB" > "$OUT/ldd.txt"; echo "the Python backend stub cannot load here: see ldd.txt"; exit 3
@@ -57,15 +66,19 @@ echo "setup took $(( $(date +%s) - start )) s"
 
 # One try with a GPU instance of the detector; should the server refuse it (no GPU support in this
 # tritonserver's Python backend), once more with a CPU instance whose torch still runs on CUDA.
-timeout 400 "$PY" -m ctlesion_bench.gpu_node_check --out "$OUT" --start-timeout 150 "$@"
+timeout 330 "$PY" -m ctlesion_bench.gpu_node_check --out "$OUT" --start-timeout 150 "$@"
 rc=$?
 if [ $rc -ne 0 ] && "$PY" -c 'import json, sys; sys.exit("server_start" not in json.load(open(sys.argv[1]))["errors"])' \
      "$OUT/gpu_node.json" 2>/dev/null; then
   echo "server did not start with a GPU instance; retrying with --torch-instance-kind cpu"
   mv "$OUT/gpu_node.json" "$OUT/gpu_node_gpu_instance.json"
-  timeout 280 "$PY" -m ctlesion_bench.gpu_node_check --out "$OUT" --torch-instance-kind cpu --start-timeout 120 \
+  timeout 200 "$PY" -m ctlesion_bench.gpu_node_check --out "$OUT" --torch-instance-kind cpu --start-timeout 120 \
     --throughput-seconds 25 --locust-run-time 25s "$@"
   rc=$?
 fi
 echo "gpu_node_check: rc $rc after $(( $(date +%s) - start )) s"
+# The CUDA tests (fp16 graphs per bucket against eager, fp16 against the fp32 CPU detections).
+timeout 120 "$PY" -m pytest -m gpu tests/test_gpu_target_cuda.py tests/test_gpu_cuda.py -q -p no:cacheprovider \
+  > "$OUT/pytest_gpu.log" 2>&1
+echo "pytest -m gpu: rc $? ($(tail -1 "$OUT/pytest_gpu.log"))"
 exit $rc

@@ -27,6 +27,9 @@ DEFAULT_FPR_CHECKPOINT = REPO_ROOT / "models" / "ctlesion_fpr.pt"  # committed; 
 DEFAULT_FPR_ONNX = REPO_ROOT / "work" / "onnx" / "ctlesion_fpr.onnx"
 FPR_ENSEMBLE = "lesion_fpr"
 FPR_MAX_BATCH = 64
+# Targets served by the tritonserver of the pytriton wheel, which has the Python backend but no
+# onnxruntime backend: their classifier runs onnxruntime inside a Python-backend model, on the CPU.
+PYTHON_CLASSIFIER_TARGETS = ("cpu", "gpu-torch")
 AIRWAY_PLANES = PROBE.shape[0]
 
 
@@ -70,7 +73,8 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
     _params(pre, {"cube": json.dumps(info.spec.to_dict())})
     _params(pre, {f"limit_{k}": v for k, v in asdict(limits).items()})  # type: ignore[call-overload]
 
-    if target == "cpu":
+    python_classifier = target in PYTHON_CLASSIFIER_TARGETS
+    if python_classifier:
         cls = mc.ModelConfig(name="fpr_classifier", backend="python", max_batch_size=FPR_MAX_BATCH)
         _params(cls, {"fpr_onnx_file": "model.onnx", "intra_op_threads": classifier_threads, "allow_spinning": "0"})
     else:
@@ -78,7 +82,7 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
     _add_io(cls.input, [TensorSpec("cubes", "uint8", (d, h, w))])
     _add_io(cls.output, [TensorSpec("probability", "float32", (1,))])
     cls.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
-    _instance(cls, instances, gpu=target != "cpu")
+    _instance(cls, instances, gpu=not python_classifier)
     _params(cls, {"rule": info.rule, "operating_threshold": info.operating_threshold,
                   "candidate_threshold": info.candidate_threshold, "cube": json.dumps(info.spec.to_dict())})  # fmt: skip
     if info.coefficients is not None:  # the logistic rule's weights travel with the model that needs them
@@ -109,6 +113,6 @@ def add_fpr_models(out: Path, fpr_onnx: Path, target: str, limits: object, cube_
         _write_config(out / name, config)
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         source = SOURCES / name / "1" / "model.py"
-        if source.exists() and (name != "fpr_classifier" or target == "cpu"):
+        if source.exists() and (name != "fpr_classifier" or target in PYTHON_CLASSIFIER_TARGETS):
             shutil.copy2(source, out / name / "1" / "model.py")
     shutil.copy2(fpr_onnx, out / "fpr_classifier" / "1" / "model.onnx")

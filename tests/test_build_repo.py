@@ -349,3 +349,19 @@ def test_cpu_fpr_classifier_runs_one_thread_without_spinning_by_default(small_on
     assert served.intra_op_num_threads == 1
     assert served.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert FprPredictor(fpr_onnx).session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_fpr_classifier_runs_in_the_python_backend_where_the_pytriton_server_serves(fpr_onnx: Path, tmp_path: Path) -> None:
+    """cpu and gpu-torch are served by the tritonserver of the pytriton wheel, which has no onnxruntime
+    backend: their classifier must be the Python-backend model; the NGC targets keep onnxruntime_onnx."""
+    from ctlesion_export.fpr_repo import add_fpr_models
+
+    for target in ("cpu", "gpu-torch", "gpu-onnx", "gpu-trt"):
+        add_fpr_models(tmp_path / target, fpr_onnx, target, Limits())
+        cls = _load(tmp_path / target / "fpr_classifier" / "config.pbtxt")
+        python = target in ("cpu", "gpu-torch")
+        assert (cls.backend, cls.platform) == (("python", "") if python else ("", "onnxruntime_onnx")), target
+        assert (tmp_path / target / "fpr_classifier" / "1" / "model.py").exists() == python, target
+        kind = mc.ModelInstanceGroup.KIND_CPU if python else mc.ModelInstanceGroup.KIND_GPU
+        assert cls.instance_group[0].kind == kind, target
+        assert (tmp_path / target / "fpr_classifier" / "1" / "model.onnx").read_bytes() == fpr_onnx.read_bytes()
