@@ -44,7 +44,9 @@ EOF
 OWN_SITE=$("$PY" -c 'import site; print(":".join(site.getsitepackages()))')
 export PYTHONPATH="$SITE:$OWN_SITE${PYTHONPATH:+:$PYTHONPATH}"
 # What the Python-backend models import, under the bundle's numpy 1.26 (scipy and onnxruntime are the image's).
-"$PY" -c 'import numpy, torch, pydicom, tritonclient.grpc, locust, scipy, scipy.ndimage, scipy.sparse, onnxruntime; print("numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available(), "scipy", scipy.__version__, "onnxruntime", onnxruntime.__version__)' || exit 2
+# locust alone: gevent must patch ssl before anything imports it (as in the locust process itself)
+"$PY" -c 'import locust; print("locust", locust.__version__)' || exit 2
+"$PY" -c 'import numpy, torch, pydicom, tritonclient.grpc, scipy, scipy.ndimage, scipy.sparse, onnxruntime; print("numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available(), "scipy", scipy.__version__, "onnxruntime", onnxruntime.__version__)' || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 df -h /dev/shm || true   # each Python-backend stub takes a 64 MiB shared-memory pool (16 stubs on 16 cores)
 
