@@ -43,6 +43,20 @@ EOF
 # must still be found.
 OWN_SITE=$("$PY" -c 'import site; print(":".join(site.getsitepackages()))')
 export PYTHONPATH="$SITE:$OWN_SITE${PYTHONPATH:+:$PYTHONPATH}"
+# The Python-backend stubs did not see PYTHONPATH here (2026-12-04: "No module named pydicom" while
+# numpy loaded from elsewhere), so a .pth file in every site folder an embedded 3.12 may use (this venv's
+# and the system's) puts the bundle and this venv first, the stubs included; each interpreter that reads
+# it notes its path in stub_paths.txt. Removed on exit.
+SITE_DIRS=$( { "$PY" -c 'import site; print("\n".join(site.getsitepackages()))';
+              /usr/bin/python3.12 -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null; } | sort -u)
+PTHS=()
+for d in $SITE_DIRS; do
+  mkdir -p "$d" 2>/dev/null || continue
+  pth="$d/zz_ctlesion_gpu_site.pth"
+  echo "import sys; sys.path[:0] = [p for p in '$SITE:$OWN_SITE'.split(':') if p not in sys.path]; open('$OUT/stub_paths.txt', 'a').write(f'{sys.executable} {sys.prefix} {sys.path[:4]}\\n')" > "$pth" 2>/dev/null && PTHS+=("$pth")
+done
+echo "path files: ${PTHS[*]}"
+trap 'rm -f "${PTHS[@]}"' EXIT
 # What the Python-backend models import, under the bundle's numpy 1.26 (scipy and onnxruntime are the image's).
 # locust alone: gevent must patch ssl before anything imports it (as in the locust process itself)
 "$PY" -c 'import locust; print("locust", locust.__version__)' || exit 2
