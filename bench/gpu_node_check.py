@@ -29,8 +29,7 @@ import subprocess
 import sys
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,11 +126,12 @@ def detector_alone(checkpoint: Path, buckets: tuple[int, ...], seconds_each: flo
     return rows
 
 
-def series_latency(url: str, series: Path, repeat: int) -> dict[str, Any]:
+def series_latency(url: str, series: Path, repeat: int, concurrency: int) -> dict[str, Any]:
     from ctlesion_client import LesionClient
+    from ctlesion_client.options import ClientOptions
 
     times, result = [], None
-    with LesionClient(url) as client:
+    with LesionClient(url, ClientOptions(concurrency=concurrency)) as client:
         client.wait_ready(120)
         client.detect_series(series)  # warm-up: first requests allocate shared memory
         for _ in range(repeat):
@@ -141,34 +141,41 @@ def series_latency(url: str, series: Path, repeat: int) -> dict[str, Any]:
     assert result is not None
     return {"slices": result.num_slices, "slabs": result.num_slabs, "seconds": [round(t, 3) for t in times],
             "median_s": round(statistics.median(times), 3), "series_per_min": round(60 / statistics.median(times), 1),
-            "detections": len(result.detections), "lesions": len(result.lesions)}  # fmt: skip
+            "detections": len(result.detections), "lesions": len(result.lesions), "concurrency": concurrency}  # fmt: skip
+
+
+def _series_worker(url: str, series: str, stop_at: float) -> tuple[int, int]:
+    """One client process sending the series again and again until ``stop_at`` (time.time())."""
+    from ctlesion_client import LesionClient
+
+    done_slices = done_series = 0
+    with LesionClient(url) as client:
+        while time.time() < stop_at:
+            done_slices += client.detect_series(Path(series)).num_slices
+            done_series += 1
+    return done_slices, done_series
 
 
 def ensemble_throughput(url: str, metrics_url: str, series: Path, clients: int, seconds: float) -> dict[str, Any]:
+    """``clients`` client processes (as real callers are: one Python process's threads share its GIL,
+    which bounded a first run at 131 slices/s), each sending the series again and again."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
     from ctlesion_bench.metrics import diff, scrape, scrape_settled
-    from ctlesion_client import LesionClient
 
-    stop = time.monotonic() + seconds
     before = scrape(metrics_url)
-
-    def worker() -> tuple[int, int]:
-        done_slices = done_series = 0
-        with LesionClient(url) as client:
-            while time.monotonic() < stop:
-                done_slices += client.detect_series(series).num_slices
-                done_series += 1
-        return done_slices, done_series
-
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda _: worker(), range(clients)))
+    with ProcessPoolExecutor(clients, mp_context=mp.get_context("spawn")) as pool:
+        stop_at = time.time() + seconds + 5.0  # the processes' start (imports) inside the window
+        results = list(pool.map(_series_worker, [url] * clients, [str(series)] * clients, [stop_at] * clients))
     wall = time.perf_counter() - t0
     view = diff(before, scrape_settled(metrics_url))
     slices = sum(r[0] for r in results)
     models = {m.model: asdict(m) for m in view.models}
     det = models.get("detector", {})
-    return {"clients": clients, "wall_s": round(wall, 2), "series": sum(r[1] for r in results), "slices": slices,
-            "slices_per_s": round(slices / wall, 1), "detector_avg_batch": det.get("avg_batch"),
+    return {"clients": clients, "client_kind": "processes", "wall_s": round(wall, 2), "series": sum(r[1] for r in results),
+            "slices": slices, "slices_per_s": round(slices / wall, 1), "detector_avg_batch": det.get("avg_batch"),
             "detector_requests_per_exec": det.get("requests_per_exec"), "server": models}  # fmt: skip
 
 
@@ -206,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fpr", action="store_true", help="serve the detector ensemble alone, as before the FPR")
     p.add_argument("--device", default="cuda", help="the detector-alone step's device (cpu: a dry run of this script)")
     p.add_argument("--torch-instance-kind", default="auto", choices=("auto", "gpu", "cpu"))
+    p.add_argument("--detector-instances", type=int, default=None, help="torch detector instances (default: build-repo's)")
+    p.add_argument("--fpr-threads", type=int, default=None, help="the FPR classifier's onnxruntime threads (default: build-repo's)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="slabs in flight for the series latency (default: the node's preprocess instances)")
+    p.add_argument("--skip-locust", action="store_true")
+    p.add_argument("--detector-max-batch", type=int, default=None, help="largest bucket timed alone (a CPU dry run: 4)")
     p.add_argument("--start-timeout", type=float, default=150.0, help="seconds for tritonserver to become ready")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -221,13 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     from ctlesion_export.torch_serving import buckets_up_to
 
     cfg = RepoConfig(target="gpu-torch", cores=os.cpu_count() or 1, torch_instance_kind=args.torch_instance_kind)
+    if args.detector_instances is not None:
+        cfg = replace(cfg, detector_instances=args.detector_instances)
+    if args.fpr_threads is not None:
+        cfg = replace(cfg, fpr_intra_op_threads=args.fpr_threads)
     with Step(report, "environment"):
         report.environment = environment()
     with Step(report, "phantom_series"):
         series = series_of(args.work / "phantoms", args.series_slices)
         report.environment["series_files"] = len(list(series.glob("*.dcm")))
     with Step(report, "detector_alone"):
-        report.detector_alone = detector_alone(args.checkpoint, buckets_up_to(cfg.max_batch_size), args.detector_seconds,
+        report.detector_alone = detector_alone(args.checkpoint, buckets_up_to(args.detector_max_batch or cfg.max_batch_size), args.detector_seconds,
                                                args.device)
         report.detector_alone_best = max(report.detector_alone, key=lambda r: r["slices_per_s"])
     save()
@@ -247,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             server.start(timeout_s=args.start_timeout)
         save()
         if server.process is not None and server.process.poll() is None:
+            served_pre = int(report.repository.get("config", {}).get("preprocess_instances", 4))
             with Step(report, "series_latency"):
-                report.series_latency = series_latency(server.grpc_url, series, repeat=3)
+                report.series_latency = series_latency(server.grpc_url, series, repeat=3,
+                                                       concurrency=args.concurrency or served_pre)
             save()
             with Step(report, "ensemble_throughput"):
                 report.ensemble = ensemble_throughput(server.grpc_url, server.metrics_url, series, args.clients,
@@ -257,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                 if best:
                     report.ratio_ensemble_to_detector = round(report.ensemble["slices_per_s"] / best, 3)
             save()
-            with Step(report, "locust"):
-                report.locust = run_locust(server.grpc_url, server.metrics_url, series, args.locust_users,
-                                           args.locust_run_time, args.work / "locust")  # fmt: skip
+            if not args.skip_locust:
+                with Step(report, "locust"):
+                    report.locust = run_locust(server.grpc_url, server.metrics_url, series, args.locust_users,
+                                               args.locust_run_time, args.work / "locust")  # fmt: skip
     finally:
         server.stop()
         report.batch_buckets = bucket_counts(log_path)
