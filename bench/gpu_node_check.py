@@ -13,7 +13,7 @@ Steps, each recorded (or its error) in ``gpu_node.json`` so a partial run still 
    the detector's average batch from Triton's metrics;
 5. a short locust run (``ctlesion loadtest --url``) with the server's own view;
 6. the detector's executions per CUDA-graph bucket (its log line at shutdown).
-Nothing here needs the network. It has not run yet: no GPU was lent when it was written.
+Nothing here needs the network. Run on an H200 node on 2026-12-04 (bench/RESULTS.md § GPU).
 """
 
 from __future__ import annotations
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fpr", action="store_true", help="serve the detector ensemble alone, as before the FPR")
     p.add_argument("--device", default="cuda", help="the detector-alone step's device (cpu: a dry run of this script)")
     p.add_argument("--torch-instance-kind", default="auto", choices=("auto", "gpu", "cpu"))
-    p.add_argument("--detector-instances", type=int, default=None, help="torch detector instances (default: build-repo's)")
-    p.add_argument("--fpr-threads", type=int, default=None, help="the FPR classifier's onnxruntime threads (default: build-repo's)")
+    p.add_argument("--detector-instances", type=int, default=None, help="torch detector instances (default: build-repo's for gpu-torch)")
+    p.add_argument("--fpr-threads", type=int, default=None, help="the FPR classifier's onnxruntime threads (default: build-repo's for gpu-torch)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="slabs in flight for the series latency (default: the node's preprocess instances)")
     p.add_argument("--skip-locust", action="store_true")
@@ -230,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         out_json.write_text(json.dumps(asdict(report), indent=2, default=str))
 
-    from ctlesion_export.build_repo import RepoConfig, build_repository
+    from ctlesion_export.build_repo import RepoConfig, build_repository, gpu_torch_defaults
     from ctlesion_export.torch_serving import buckets_up_to
 
-    cfg = RepoConfig(target="gpu-torch", cores=os.cpu_count() or 1, torch_instance_kind=args.torch_instance_kind)
+    cores = os.cpu_count() or 1
+    cfg = RepoConfig(target="gpu-torch", cores=cores, torch_instance_kind=args.torch_instance_kind,
+                     **gpu_torch_defaults(cores))  # fmt: skip
     if args.detector_instances is not None:
         cfg = replace(cfg, detector_instances=args.detector_instances)
     if args.fpr_threads is not None:

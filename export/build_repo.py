@@ -248,6 +248,14 @@ def scale_pre_post(cores: int) -> tuple[int, int]:
     return pre, usable - pre
 
 
+def gpu_torch_defaults(cores: int) -> dict[str, int]:
+    """gpu-torch's instance defaults for a node of ``cores`` cores, measured on the H200 node
+    (bench/RESULTS.md § GPU, 2026-12-04): two detector instances let one copy its 50 MB batch through
+    the Python backend's shared memory while the other runs (locust 765 -> 1559 slices/s), and the
+    CPU FPR classifier gets a quarter of the cores (its queue was the series' last step)."""
+    return {"detector_instances": 2, "fpr_intra_op_threads": max(1, cores // 4)}
+
+
 def effective_config(cfg: RepoConfig) -> RepoConfig:
     """``cfg`` with gpu-torch's pre / post instances scaled to ``cfg.cores`` (when > 0)."""
     if cfg.target != "gpu-torch" or cfg.cores <= 0:
@@ -515,12 +523,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=64,
                         help="detector batch; the client sizes slabs so two requests merge into one (default %(default)s)")
     parser.add_argument("--queue-delay-us", type=int, default=2000)
-    parser.add_argument("--detector-instances", type=int, default=1)
+    parser.add_argument("--detector-instances", type=int, default=None,
+                        help="detector instances (default: 1; gpu-torch: 2, see gpu_torch_defaults)")
     parser.add_argument("--preprocess-instances", type=int, default=2)
     parser.add_argument("--postprocess-instances", type=int, default=1)
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (cpu target; 0 = all cores)")
-    parser.add_argument("--fpr-intra-op-threads", type=int, default=1,
-                        help="onnxruntime threads of the FPR classifier (cpu target; 0 = all cores)")
+    parser.add_argument("--fpr-intra-op-threads", type=int, default=None,
+                        help="onnxruntime threads of the FPR classifier (cpu and gpu-torch targets; 0 = all "
+                             "cores; default: 1, on gpu-torch a quarter of --cores)")
     parser.add_argument("--ort-mem-pattern", action="store_true",
                         help="cpu target: enable onnxruntime's memory pattern (more memory, no faster here)")  # fmt: skip
     parser.add_argument("--ort-max-run-batch", type=int, default=8, metavar="N",
@@ -566,6 +576,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.ort_max_run_batch < 0:
         parser.error("--ort-max-run-batch must be >= 0 (0 runs each merged batch whole)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    cores = (os.cpu_count() or 1) if args.cores is None else args.cores
+    target_defaults = gpu_torch_defaults(cores) if args.target == "gpu-torch" else {}
+    for name in ("detector_instances", "fpr_intra_op_threads"):
+        if getattr(args, name) is None:
+            setattr(args, name, target_defaults.get(name, 1))
     cfg = RepoConfig(
         target=args.target,
         max_batch_size=args.max_batch_size,
@@ -589,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_cuda_graphs=not args.no_cuda_graphs,
         torch_threads=args.torch_threads,
         torch_instance_kind=args.torch_instance_kind,
-        cores=(os.cpu_count() or 1) if args.cores is None else args.cores,
+        cores=cores,
     )
     gpu_torch = args.target == "gpu-torch"
     try:

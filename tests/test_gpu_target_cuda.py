@@ -1,7 +1,8 @@
 """The gpu-torch detector's CUDA path: fp16 CUDA graphs per batch bucket give the eager outputs.
 
-Skipped with a reason where torch sees no CUDA device (this project's CI and dev machines: it has
-not run yet); run on a GPU node with ``pytest -m gpu tests/test_gpu_target_cuda.py``.
+Skipped with a reason where torch sees no CUDA device (this project's CI and dev machines); run on a
+GPU node with ``pytest -m gpu tests/test_gpu_target_cuda.py`` (passed on the H200 on 2026-12-04,
+bench/gpu_node_check.sh).
 """
 
 from __future__ import annotations

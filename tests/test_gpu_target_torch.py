@@ -186,3 +186,20 @@ def test_gpu_torch_target_serves_the_cpu_targets_detections(
     assert cpu_dets, "no cpu detection at the common threshold: the comparison would be empty"
     _match(cpu_dets, served_dets, threshold=threshold)
     assert len(served_dets) >= len(cpu_dets) - 1
+
+
+@pytest.mark.slow
+def test_gpu_torch_cli_defaults_follow_the_node_and_explicit_values_win(checkpoint: Path, fpr_onnx: Path, tmp_path: Path) -> None:
+    """Two detector instances and a quarter of the cores for the FPR classifier on gpu-torch (measured on
+    the H200, bench/RESULTS.md § GPU); the cpu target keeps one of each; a value given on the command line wins."""
+    from ctlesion_export.build_repo import main
+
+    base = ["--checkpoint", str(checkpoint), "--fpr-onnx", str(fpr_onnx), "--cores", "16"]
+    assert main(["--target", "gpu-torch", "--out", str(tmp_path / "d"), *base]) == 0
+    assert _load(tmp_path / "d" / "detector" / "config.pbtxt").instance_group[0].count == 2
+    cls = _load(tmp_path / "d" / "fpr_classifier" / "config.pbtxt")
+    assert cls.backend == "python" and cls.parameters["intra_op_threads"].string_value == "4"
+    assert main(["--target", "gpu-torch", "--out", str(tmp_path / "e"), *base,
+                 "--detector-instances", "1", "--fpr-intra-op-threads", "2"]) == 0  # fmt: skip
+    assert _load(tmp_path / "e" / "detector" / "config.pbtxt").instance_group[0].count == 1
+    assert _load(tmp_path / "e" / "fpr_classifier" / "config.pbtxt").parameters["intra_op_threads"].string_value == "2"
