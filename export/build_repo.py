@@ -252,7 +252,8 @@ def gpu_torch_defaults(cores: int) -> dict[str, int]:
     """gpu-torch's instance defaults for a node of ``cores`` cores, measured on the H200 node
     (bench/RESULTS.md § GPU, 2026-12-04): two detector instances let one copy its 50 MB batch through
     the Python backend's shared memory while the other runs (locust 765 -> 1559 slices/s), and the
-    CPU FPR classifier gets a quarter of the cores (its queue was the series' last step)."""
+    FPR classifier, where it runs on the CPU (onnxruntime, or torch without CUDA), gets a quarter of
+    the cores (its queue was the series' last step)."""
     return {"detector_instances": 2, "fpr_intra_op_threads": max(1, cores // 4)}
 
 
@@ -421,10 +422,15 @@ def build_repository(
     _write_config(out / ENSEMBLE, ensemble_config(info))
     (out / ENSEMBLE / "1").mkdir(exist_ok=True)
     if fpr_onnx is not None:
-        from ctlesion_export.fpr_repo import add_fpr_models
+        from ctlesion_export.fpr_repo import add_fpr_models, checkpoint_of
 
+        # gpu-torch: the classifier in torch beside the detector, when the FPR ONNX's checkpoint is known
+        torch_fpr = checkpoint_of(Path(fpr_onnx)) if cfg.target == "gpu-torch" else None
+        if cfg.target == "gpu-torch" and torch_fpr is None:
+            log.warning("FPR ONNX %s is not the export of the committed checkpoint: its classifier runs in onnxruntime on the CPU", fpr_onnx)
         add_fpr_models(out, Path(fpr_onnx), cfg.target, cfg.limits, cube_instances=cfg.preprocess_instances,
-                       classifier_threads=cfg.fpr_intra_op_threads)
+                       classifier_threads=cfg.fpr_intra_op_threads, torch_checkpoint=torch_fpr,
+                       torch_kind="gpu" if torch_on_cuda(cfg) else "cpu")
     report = check_io(out, cfg, onnx_path)
     (out / "BUILD.json").write_text(
         json.dumps({"onnx": str(onnx_path), "fpr_onnx": None if fpr_onnx is None else str(fpr_onnx), "model": asdict_info(info), "config": asdict(cfg),

@@ -31,6 +31,7 @@ FPR_MAX_BATCH = 64
 # onnxruntime backend: their classifier runs onnxruntime inside a Python-backend model, on the CPU.
 PYTHON_CLASSIFIER_TARGETS = ("cpu", "gpu-torch")
 AIRWAY_PLANES = PROBE.shape[0]
+TORCH_FPR_CHECKPOINT = "model.pt"  # the gpu-torch classifier's checkpoint, beside its ONNX
 
 
 def export_fpr_checkpoint(checkpoint: Path, onnx_path: Path) -> Path:
@@ -54,13 +55,16 @@ def default_fpr_onnx(checkpoint: Path = DEFAULT_FPR_CHECKPOINT, onnx_path: Path 
 
 
 def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1, queue_delay_us: int = 2000,
-                cube_instances: int = 1, classifier_threads: int = 1) -> dict[str, mc.ModelConfig]:
+                cube_instances: int = 1, classifier_threads: int = 1,
+                torch_classifier: str | None = None) -> dict[str, mc.ModelConfig]:
     """name -> ModelConfig of the three FPR models for ``target`` (cpu | gpu-*). ``cube_instances``:
     ``fpr_preprocess`` decodes DICOM like ``preprocess`` and is scaled with it (a series' cube
     requests arrive together, after its last slab, while the detector idles). ``classifier_threads``:
     onnxruntime threads of the CPU classifier (0 = all cores); one, without spinning, because it runs
     beside the cube decoding and other series' slabs: at 29 cubes a run it took 190 ms of CPU on one
-    thread against 290 on two (bench/RESULTS.md)."""
+    thread against 290 on two (bench/RESULTS.md). ``torch_classifier`` ("gpu" | "cpu", gpu-torch only):
+    the classifier runs the FPR checkpoint in torch (``fpr_classifier_torch``) on an instance of that
+    kind, instead of onnxruntime on the CPU."""
     from ctlesion_export.build_repo import TensorSpec, _add_io, _instance, _params
     from ctlesion_fpr.predict import read_meta
 
@@ -74,7 +78,10 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
     _params(pre, {f"limit_{k}": v for k, v in asdict(limits).items()})  # type: ignore[call-overload]
 
     python_classifier = target in PYTHON_CLASSIFIER_TARGETS
-    if python_classifier:
+    if torch_classifier is not None:
+        cls = mc.ModelConfig(name="fpr_classifier", backend="python", max_batch_size=FPR_MAX_BATCH)
+        _params(cls, {"fpr_checkpoint": TORCH_FPR_CHECKPOINT, "intra_op_threads": classifier_threads})
+    elif python_classifier:
         cls = mc.ModelConfig(name="fpr_classifier", backend="python", max_batch_size=FPR_MAX_BATCH)
         _params(cls, {"fpr_onnx_file": "model.onnx", "intra_op_threads": classifier_threads, "allow_spinning": "0"})
     else:
@@ -82,7 +89,7 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
     _add_io(cls.input, [TensorSpec("cubes", "uint8", (d, h, w))])
     _add_io(cls.output, [TensorSpec("probability", "float32", (1,))])
     cls.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
-    _instance(cls, instances, gpu=not python_classifier)
+    _instance(cls, instances, gpu=torch_classifier == "gpu" if torch_classifier else not python_classifier)
     _params(cls, {"rule": info.rule, "operating_threshold": info.operating_threshold,
                   "candidate_threshold": info.candidate_threshold, "cube": json.dumps(info.spec.to_dict())})  # fmt: skip
     if info.coefficients is not None:  # the logistic rule's weights travel with the model that needs them
@@ -103,16 +110,34 @@ def fpr_configs(fpr_onnx: Path, target: str, limits: object, instances: int = 1,
 
 
 def add_fpr_models(out: Path, fpr_onnx: Path, target: str, limits: object, cube_instances: int = 1,
-                   classifier_threads: int = 1) -> None:
+                   classifier_threads: int = 1, torch_checkpoint: Path | None = None,
+                   torch_kind: str = "gpu") -> None:
     """Write the FPR models into the repository ``out`` (the served ONNX is a uint8-input graph
-    already, so every target serves the same file)."""
+    already, so every target serves the same file). ``torch_checkpoint`` (gpu-torch): the checkpoint
+    ``fpr_onnx`` was exported from, served in torch on a ``torch_kind`` instance; the ONNX stays beside
+    it for the tensor check."""
     from ctlesion_export.build_repo import SOURCES, _write_config
 
+    torch_classifier = torch_kind if torch_checkpoint is not None else None
     for name, config in fpr_configs(fpr_onnx, target, limits, cube_instances=cube_instances,
-                                       classifier_threads=classifier_threads).items():
+                                    classifier_threads=classifier_threads, torch_classifier=torch_classifier).items():
         _write_config(out / name, config)
         (out / name / "1").mkdir(parents=True, exist_ok=True)
-        source = SOURCES / name / "1" / "model.py"
+        source_name = "fpr_classifier_torch" if name == "fpr_classifier" and torch_classifier else name
+        source = SOURCES / source_name / "1" / "model.py"
         if source.exists() and (name != "fpr_classifier" or target in PYTHON_CLASSIFIER_TARGETS):
             shutil.copy2(source, out / name / "1" / "model.py")
     shutil.copy2(fpr_onnx, out / "fpr_classifier" / "1" / "model.onnx")
+    if torch_checkpoint is not None:
+        shutil.copy2(torch_checkpoint, out / "fpr_classifier" / "1" / TORCH_FPR_CHECKPOINT)
+
+
+def checkpoint_of(fpr_onnx: Path, checkpoint: Path = DEFAULT_FPR_CHECKPOINT) -> Path | None:
+    """``checkpoint`` when ``fpr_onnx`` was exported from those very bytes (the sha256 that
+    ``export_if_changed`` keeps beside it), else None: a torch classifier must serve the same model."""
+    import hashlib
+
+    source = Path(fpr_onnx).with_name(Path(fpr_onnx).name + ".source")
+    if not (Path(checkpoint).is_file() and source.is_file()):
+        return None
+    return Path(checkpoint) if source.read_text().strip() == hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest() else None

@@ -232,6 +232,9 @@ def python_model_signature(name: str, config: mc.ModelConfig, model_dir: Path,
     if "fpr_onnx_file" in params:  # fpr_classifier: model.py feeds the ONNX the tensors Triton gives it, as they are
         onnx_file = model_dir / "1" / params["fpr_onnx_file"]
         return onnx_signature(onnx_file), f"{onnx_file.name} (run by model.py as it is)"
+    if "fpr_checkpoint" in params:  # gpu-torch's torch classifier: the module its ONNX beside it was traced from
+        onnx_file = model_dir / "1" / "model.onnx"
+        return onnx_signature(onnx_file), f"{onnx_file.name} (exported from {params['fpr_checkpoint']}, which model.py runs in torch)"
     if "checkpoint" in params and torch_probe is not None:
         return torch_probe(model_dir / "1" / params["checkpoint"], config), f"a probe run of {params['checkpoint']} in torch"
     return None

@@ -62,3 +62,36 @@ class FprPredictor:
             return np.zeros(0, np.float32)
         parts = [self.session.run(["probability"], {"cubes": cubes[i : i + MAX_RUN_BATCH]})[0] for i in range(0, cubes.shape[0], MAX_RUN_BATCH)]
         return np.concatenate(parts).astype(np.float32).reshape(-1)
+
+
+class TorchFprPredictor:
+    """The same probability from the checkpoint in torch (gpu-torch: on the GPU), interchangeable with
+    :class:`FprPredictor`: the module is the one ``export_onnx`` traces (flips averaged, sigmoid)."""
+
+    def __init__(self, checkpoint: Path, device: str = "auto", threads: int = 0) -> None:
+        import torch
+
+        from ctlesion_fpr.model import FprProbability, flips_of, load_checkpoint
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # fp32 as in onnxruntime: TF32 convolutions would move probabilities by ~1e-3 near the threshold
+            torch.backends.cudnn.allow_tf32 = False
+        elif threads > 0:
+            torch.set_num_threads(threads)
+        net, meta = load_checkpoint(Path(checkpoint))
+        self.model = FprProbability(net, flips_of(meta)).to(self.device).eval()
+        self.meta = meta
+
+    def __call__(self, cubes: np.ndarray) -> np.ndarray:
+        import torch
+
+        cubes = np.ascontiguousarray(cubes, dtype=np.uint8)
+        if cubes.shape[0] == 0:
+            return np.zeros(0, np.float32)
+        with torch.inference_mode():
+            parts = [self.model(torch.from_numpy(cubes[i : i + MAX_RUN_BATCH]).to(self.device)).float().cpu().numpy()
+                     for i in range(0, cubes.shape[0], MAX_RUN_BATCH)]  # fmt: skip
+        return np.concatenate(parts).astype(np.float32).reshape(-1)

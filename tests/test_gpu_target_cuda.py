@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_gpu_target_torch import lung_window_slices
+from test_gpu_target_torch import fpr_cubes, lung_window_slices
 
 from ctlesion_export.torch_serving import TorchDetector, TorchServingConfig
 
@@ -67,3 +67,12 @@ def test_fp16_graphs_keep_the_fp32_cpu_detections(detectors: tuple[TorchDetector
     top = np.argsort(-scores32[..., 0], axis=1)[:, :20]  # the boxes NMS would report first
     rows = np.arange(len(images))[:, None]
     assert np.abs(boxes16[rows, top] - boxes32[rows, top]).max() < 1.0
+
+
+def test_torch_fpr_classifier_on_cuda_equals_onnxruntime(fpr_onnx: Path) -> None:
+    from ctlesion_export.fpr_repo import DEFAULT_FPR_CHECKPOINT
+    from ctlesion_fpr.predict import FprPredictor, TorchFprPredictor
+
+    cubes = fpr_cubes(fpr_onnx, 70, seed=3)
+    np.testing.assert_allclose(TorchFprPredictor(DEFAULT_FPR_CHECKPOINT, device="cuda")(cubes),
+                               FprPredictor(fpr_onnx)(cubes), atol=1e-4)  # fmt: skip

@@ -203,3 +203,57 @@ def test_gpu_torch_cli_defaults_follow_the_node_and_explicit_values_win(checkpoi
                  "--detector-instances", "1", "--fpr-intra-op-threads", "2"]) == 0  # fmt: skip
     assert _load(tmp_path / "e" / "detector" / "config.pbtxt").instance_group[0].count == 1
     assert _load(tmp_path / "e" / "fpr_classifier" / "config.pbtxt").parameters["intra_op_threads"].string_value == "2"
+
+
+def fpr_cubes(fpr_onnx: Path, n: int, seed: int = 0) -> np.ndarray:
+    """Cubes the classifier tells apart: lung-like noise (-850 HU) round a solid sphere (0 HU) of 0-9
+    voxels radius; pure noise would give one near-zero probability for all."""
+    from ctlesion_fpr.predict import read_meta
+
+    shape = read_meta(fpr_onnx).spec.shape
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*(np.arange(k) - (k - 1) / 2 for k in shape), indexing="ij")
+    r = np.sqrt(zz**2 + yy**2 + xx**2)
+    hu = rng.normal(-850, 60, (n, *shape))
+    for i, radius in enumerate(rng.uniform(0, 9, n)):
+        hu[i][r <= radius] = rng.normal(0, 40, int((r <= radius).sum()))
+    return np.clip((hu + 1000) / 1400 * 255, 0, 255).astype(np.uint8)  # the cube's HU -1000..400 window
+
+
+def test_torch_fpr_classifier_equals_the_onnxruntime_one(fpr_onnx: Path) -> None:
+    """gpu-torch's classifier runs the checkpoint in torch: the same probabilities as the served ONNX
+    (70 cubes: more than one run of MAX_RUN_BATCH; none at all gives an empty answer)."""
+    from ctlesion_export.fpr_repo import DEFAULT_FPR_CHECKPOINT
+    from ctlesion_fpr.predict import FprPredictor, TorchFprPredictor
+
+    cubes = fpr_cubes(fpr_onnx, 70)
+    torch_cpu = TorchFprPredictor(DEFAULT_FPR_CHECKPOINT, device="cpu")
+    reference = FprPredictor(fpr_onnx)(cubes)
+    np.testing.assert_allclose(torch_cpu(cubes), reference, atol=1e-5)
+    assert torch_cpu(cubes[:0]).shape == (0,)
+    assert reference.std() > 0.01  # random cubes do not all give one probability: the comparison means something
+
+
+@pytest.mark.slow
+def test_gpu_torch_serves_the_fpr_checkpoint_in_torch_when_its_onnx_is_its_export(fpr_onnx: Path, checkpoint: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    from ctlesion_export.fpr_repo import DEFAULT_FPR_CHECKPOINT
+
+    known = tmp_path / "fpr.onnx"
+    shutil.copy2(fpr_onnx, known)
+    known.with_name("fpr.onnx.source").write_text(hashlib.sha256(DEFAULT_FPR_CHECKPOINT.read_bytes()).hexdigest())
+    cfg = RepoConfig(target="gpu-torch", cores=16, torch_instance_kind="cpu")
+    out = build_repository(None, tmp_path / "r", cfg, checkpoint=checkpoint, fpr_onnx=known)  # checks every model's tensors
+    cls = _load(out / "fpr_classifier" / "config.pbtxt")
+    assert cls.backend == "python" and cls.parameters["fpr_checkpoint"].string_value == "model.pt"
+    assert cls.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU  # as the detector's, here CPU
+    assert (out / "fpr_classifier" / "1" / "model.pt").read_bytes() == DEFAULT_FPR_CHECKPOINT.read_bytes()
+    assert "TorchFprPredictor" in (out / "fpr_classifier" / "1" / "model.py").read_text()
+    io_check = json.loads((out / "BUILD.json").read_text())["io_check"]
+    assert any(line.startswith("fpr_classifier:") and "exported from model.pt" in line for line in io_check["checked"])
+    # an ONNX of unknown origin keeps onnxruntime: torch must not serve a different model
+    stray = build_repository(None, tmp_path / "s", cfg, checkpoint=checkpoint, fpr_onnx=fpr_onnx)
+    cls = _load(stray / "fpr_classifier" / "config.pbtxt")
+    assert "fpr_checkpoint" not in cls.parameters and cls.parameters["fpr_onnx_file"].string_value == "model.onnx"
+    assert not (stray / "fpr_classifier" / "1" / "model.pt").exists()
