@@ -95,3 +95,10 @@ class TorchFprPredictor:
             parts = [self.model(torch.from_numpy(cubes[i : i + MAX_RUN_BATCH]).to(self.device)).float().cpu().numpy()
                      for i in range(0, cubes.shape[0], MAX_RUN_BATCH)]  # fmt: skip
         return np.concatenate(parts).astype(np.float32).reshape(-1)
+
+
+def probabilities_per_request(predict: FprPredictor | TorchFprPredictor, batches: list[np.ndarray]) -> list[np.ndarray]:
+    """One run over the cubes of every request the dynamic batcher merged, split back: [n_i, 1] each."""
+    probs = predict(np.concatenate(batches, axis=0)) if batches else np.zeros(0, np.float32)
+    bounds = np.cumsum([0] + [b.shape[0] for b in batches])
+    return [probs[a:b].reshape(-1, 1) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

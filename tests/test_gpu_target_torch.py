@@ -257,3 +257,14 @@ def test_gpu_torch_serves_the_fpr_checkpoint_in_torch_when_its_onnx_is_its_expor
     cls = _load(stray / "fpr_classifier" / "config.pbtxt")
     assert "fpr_checkpoint" not in cls.parameters and cls.parameters["fpr_onnx_file"].string_value == "model.onnx"
     assert not (stray / "fpr_classifier" / "1" / "model.pt").exists()
+
+
+def test_merged_cube_requests_are_split_back(fpr_onnx: Path) -> None:
+    """What both served classifiers return per request: its own cubes' probabilities, [n, 1], empty ones kept."""
+    from ctlesion_fpr.predict import FprPredictor, probabilities_per_request
+
+    predict = FprPredictor(fpr_onnx)
+    cubes = fpr_cubes(fpr_onnx, 5, seed=2)
+    parts = probabilities_per_request(predict, [cubes[:2], cubes[2:2], cubes[2:]])
+    assert [p.shape for p in parts] == [(2, 1), (0, 1), (3, 1)]
+    np.testing.assert_allclose(np.concatenate(parts).ravel(), predict(cubes), atol=1e-6)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ctlesion_fpr.predict import TorchFprPredictor
+from ctlesion_fpr.predict import TorchFprPredictor, probabilities_per_request
 
 
 class TritonPythonModel:
@@ -30,10 +29,5 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         batches = [pb_utils.get_input_tensor_by_name(r, "cubes").as_numpy() for r in requests]
-        probs = self.predict(np.concatenate(batches, axis=0))
-        out, start = [], 0
-        for b in batches:
-            n = b.shape[0]
-            out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("probability", probs[start : start + n].reshape(n, 1))]))
-            start += n
-        return out
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("probability", probs)])
+                for probs in probabilities_per_request(self.predict, batches)]
